@@ -1,0 +1,211 @@
+"""The ``compress`` command line (typer).
+
+Exit codes: 0 success, 2 bad usage or bad input (one line on stderr, no traceback),
+1 unexpected failure (one line on stderr; the traceback goes to a log file)."""
+from __future__ import annotations
+
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+import typer
+from typing_extensions import Annotated
+
+from .errors import UsageError
+
+app = typer.Typer(
+    name="compress",
+    help="Fine-tune a torchvision ResNet on an image folder, prune whole conv filters by L1 norm in steps "
+         "with retraining, export every step to ONNX, and report accuracy vs latency.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
+)
+
+RUN_EXAMPLES = """
+Examples:
+
+  compress run                                   # the embedded digits demo into ./runs/digits
+
+  compress run --data ~/flowers --out runs/flowers --arch resnet50 --weights imagenet --epochs 20
+
+  compress run --data ~/cifar10 --out runs/c10 --stem cifar --target-macs 0.3 --prune-steps 5 --config c10.yaml
+
+  compress run --data ~/cifar10 --out runs/c10b --model runs/c10/steps/step_00/model.pt   # reuse a fine-tuned model
+
+Running the same command again on an existing --out resumes it.
+"""
+
+# --- options shared by `run` and `finetune` ------------------------------------------------------
+Data = Annotated[Optional[str], typer.Option(help="Image folder (PATH/train + PATH/val|test, or PATH/<class>/*) or 'digits' (default).")]
+Out = Annotated[Optional[Path], typer.Option("--out", help="Run directory (default: runs/<data name>).")]
+Arch = Annotated[Optional[str], typer.Option(help="resnet18|34|50|101|152 (torchvision) or resnet20|32|56|110 (CIFAR-style).")]
+Weights = Annotated[Optional[str], typer.Option(help="imagenet (from the local torch cache), none, a state-dict FILE, or auto (imagenet if cached).")]
+Model = Annotated[Optional[str], typer.Option(help="Start from this fine-tuned checkpoint and skip fine-tuning.")]
+Stem = Annotated[Optional[str], typer.Option(help="imagenet (7x7/2 + max-pool) or cifar (3x3/1) for torchvision ResNets.")]
+InputSize = Annotated[Optional[int], typer.Option(help="Input resolution (default: 32 for small images, else 224).")]
+Epochs = Annotated[Optional[int], typer.Option(help="Fine-tuning epochs.")]
+BatchSize = Annotated[Optional[int], typer.Option(help="Training batch size.")]
+Optimizer = Annotated[Optional[str], typer.Option(help="adam, sgd or adam-then-sgd.")]
+Lr = Annotated[Optional[float], typer.Option(help="Adam learning rate.")]
+SgdLr = Annotated[Optional[float], typer.Option(help="SGD learning rate.")]
+SwitchEpoch = Annotated[Optional[int], typer.Option(help="adam-then-sgd: first SGD epoch (default: half-way).")]
+Schedule = Annotated[Optional[str], typer.Option(help="cosine or step learning-rate schedule.")]
+WeightDecay = Annotated[Optional[float], typer.Option(help="Weight decay.")]
+LabelSmoothing = Annotated[Optional[float], typer.Option(help="Label smoothing.")]
+FreezeEpochs = Annotated[Optional[int], typer.Option(help="Head-only epochs with the backbone frozen (default: 1 with pretrained weights).")]
+Patience = Annotated[Optional[int], typer.Option(help="Early stopping after N epochs without better val accuracy (0: off).")]
+Balance = Annotated[Optional[str], typer.Option(help="Class imbalance: none, weights (weighted loss) or sampler (weighted sampler).")]
+AugScaleMin = Annotated[Optional[float], typer.Option(help="Random resized crop: smallest area fraction.")]
+AugHflip = Annotated[Optional[bool], typer.Option("--aug-hflip/--no-aug-hflip", help="Random horizontal flips (default: on, off for digits).")]
+AugRotation = Annotated[Optional[float], typer.Option(help="Random rotation, degrees.")]
+AugColorJitter = Annotated[Optional[float], typer.Option(help="Colour jitter strength.")]
+ValFraction = Annotated[Optional[float], typer.Option(help="Validation fraction when one folder is split.")]
+PruneSteps = Annotated[Optional[int], typer.Option(help="Number of pruning steps.")]
+TargetMacs = Annotated[Optional[float], typer.Option(help="Fraction of step 0's MACs the last step keeps, e.g. 0.4.")]
+RetrainEpochs = Annotated[Optional[int], typer.Option(help="Retraining epochs after each pruning step.")]
+RetrainLr = Annotated[Optional[float], typer.Option(help="Retraining (SGD) learning rate.")]
+Scope = Annotated[Optional[str], typer.Option(help="global (rank all filters together) or uniform (same ratio per layer).")]
+MaxLayerRatio = Annotated[Optional[float], typer.Option(help="No layer loses more than this fraction of its filters.")]
+RoundTo = Annotated[Optional[int], typer.Option(help="Keep channel counts multiples of this.")]
+ParityTolerance = Annotated[Optional[float], typer.Option(help="Max |logit difference| ONNX vs PyTorch.")]
+LatencyBatch = Annotated[Optional[int], typer.Option(help="The larger batch size of the closing latency report.")]
+Device = Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")]
+Seed = Annotated[Optional[int], typer.Option(help="Random seed.")]
+Workers = Annotated[Optional[int], typer.Option(help="DataLoader worker processes (default: auto).")]
+TrustPickle = Annotated[Optional[bool], typer.Option("--trust-pickle", help="Allow loading pickled (code-carrying) model files.")]
+ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="YAML file of options; flags override it.")]
+Force = Annotated[bool, typer.Option("--force", help="Start over if --out holds a run made with other options.")]
+RunDir = Annotated[Path, typer.Argument(help="A run directory made by `compress run` or `compress finetune`.")]
+
+
+def _resolve(options: dict[str, Any]) -> tuple[Any, Path, bool]:
+    from .config import resolve_config
+
+    config_file = options.pop("config_file")
+    out = options.pop("out")
+    force = options.pop("force")
+    config = resolve_config(options, config_file)
+    if out is None:
+        out = Path("runs") / (Path(config.data).name or "run")
+    return config, out, force
+
+
+def _open(options: dict[str, Any]) -> Any:
+    from .pipeline import open_run
+
+    config, out, force = _resolve(options)
+    return open_run(out, config, force=force)
+
+
+@app.command(epilog=RUN_EXAMPLES)
+def run(data: Data = None, out: Out = None, arch: Arch = None, weights: Weights = None, model: Model = None,
+        stem: Stem = None, input_size: InputSize = None, epochs: Epochs = None, batch_size: BatchSize = None,
+        optimizer: Optimizer = None, lr: Lr = None, sgd_lr: SgdLr = None, switch_epoch: SwitchEpoch = None,
+        schedule: Schedule = None, weight_decay: WeightDecay = None, label_smoothing: LabelSmoothing = None,
+        freeze_epochs: FreezeEpochs = None, patience: Patience = None, balance: Balance = None,
+        aug_scale_min: AugScaleMin = None, aug_hflip: AugHflip = None, aug_rotation: AugRotation = None,
+        aug_color_jitter: AugColorJitter = None, val_fraction: ValFraction = None, prune_steps: PruneSteps = None,
+        target_macs: TargetMacs = None, retrain_epochs: RetrainEpochs = None, retrain_lr: RetrainLr = None,
+        scope: Scope = None, max_layer_ratio: MaxLayerRatio = None, round_to: RoundTo = None,
+        parity_tolerance: ParityTolerance = None, latency_batch: LatencyBatch = None, device: Device = None,
+        seed: Seed = None, workers: Workers = None, trust_pickle: TrustPickle = None, config_file: ConfigFile = None,
+        force: Force = False) -> None:
+    """Fine-tune, prune in steps with retraining, export each step to ONNX, report. Resumable."""
+    run_ = _open(dict(locals()))
+    from .pipeline import console, run_all
+
+    summary = run_all(run_)
+    console.print(f"[bold green]done[/]: {run_.run_dir}/report.md (recommended step {summary['recommended_step']})")
+
+
+@app.command(epilog=RUN_EXAMPLES)
+def finetune(data: Data = None, out: Out = None, arch: Arch = None, weights: Weights = None, model: Model = None,
+             stem: Stem = None, input_size: InputSize = None, epochs: Epochs = None, batch_size: BatchSize = None,
+             optimizer: Optimizer = None, lr: Lr = None, sgd_lr: SgdLr = None, switch_epoch: SwitchEpoch = None,
+             schedule: Schedule = None, weight_decay: WeightDecay = None, label_smoothing: LabelSmoothing = None,
+             freeze_epochs: FreezeEpochs = None, patience: Patience = None, balance: Balance = None,
+             aug_scale_min: AugScaleMin = None, aug_hflip: AugHflip = None, aug_rotation: AugRotation = None,
+             aug_color_jitter: AugColorJitter = None, val_fraction: ValFraction = None, prune_steps: PruneSteps = None,
+             target_macs: TargetMacs = None, retrain_epochs: RetrainEpochs = None, retrain_lr: RetrainLr = None,
+             scope: Scope = None, max_layer_ratio: MaxLayerRatio = None, round_to: RoundTo = None,
+             parity_tolerance: ParityTolerance = None, latency_batch: LatencyBatch = None, device: Device = None,
+             seed: Seed = None, workers: Workers = None, trust_pickle: TrustPickle = None, config_file: ConfigFile = None,
+             force: Force = False) -> None:
+    """Stage 1 alone: create the run directory and fine-tune step 0. The options are those of
+    `compress run` and are fixed for the run's later stages (`prune`, `export`, `report`)."""
+    run_ = _open(dict(locals()))
+    from .pipeline import finetune as finetune_stage
+
+    finetune_stage(run_)
+
+
+def _reopen(run_dir: Path, device: str | None) -> Any:
+    from .pipeline import open_run, resolve_device
+
+    run_ = open_run(run_dir, None)
+    if device is not None:
+        run_.device = resolve_device(device)
+    return run_
+
+
+@app.command()
+def prune(run_dir: RunDir, device: Device = None) -> None:
+    """Stage 2 alone: the pruning steps (prune + retrain) with the run's options."""
+    from .pipeline import prune as prune_stage
+
+    prune_stage(_reopen(run_dir, device))
+
+
+@app.command()
+def export(run_dir: RunDir) -> None:
+    """Stage 3 alone: export every finished step to ONNX and check parity."""
+    from .pipeline import export as export_stage
+
+    export_stage(_reopen(run_dir, "cpu"))
+
+
+@app.command()
+def report(run_dir: RunDir) -> None:
+    """Stage 4 alone: measure ONNX Runtime CPU latency of every step and write report.md and pareto.png."""
+    from .pipeline import report as report_stage
+
+    report_stage(_reopen(run_dir, "cpu"))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: map every failure to one line and the contract's exit code."""
+    from .export import ParityError
+
+    try:
+        app(args=argv, prog_name="compress", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.UsageError as exc:
+        print(f"compress: error: {_first_line(Exception(exc.format_message()))}", file=sys.stderr)
+        sys.exit(2)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        print("compress: interrupted; run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
+    except UsageError as exc:
+        print(f"compress: error: {_first_line(exc)}", file=sys.stderr)
+        sys.exit(2)
+    except ParityError as exc:
+        print(f"compress: {_first_line(exc)}", file=sys.stderr)
+        sys.exit(1)
+    except Exception as exc:  # a bug or an environment failure: keep the traceback, but out of the way
+        with tempfile.NamedTemporaryFile("w", prefix="compress-error-", suffix=".log", delete=False) as log:
+            traceback.print_exc(file=log)
+        print(f"compress: unexpected error: {type(exc).__name__}: {_first_line(exc)} (traceback in {log.name})",
+              file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Run options: defaults < ``--config FILE.yaml`` < command-line flags, resolved once and
+recorded in the manifest. A run directory keeps the options it was made with; running it
+again with different ones is an error unless ``--force``."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .data import DIGITS, Augmentation
+from .errors import UsageError
+from .pruning import PruneSettings, validate_settings
+from .training import TrainSettings
+
+OPTIMIZERS = ("adam", "sgd", "adam-then-sgd")
+BALANCE = ("none", "weights", "sampler")
+SCHEDULES = ("cosine", "step")
+DEVICES = ("auto", "cpu", "cuda")
+# Options that change how a run executes but not what it computes: they may differ on resume.
+EXECUTION_ONLY = ("device", "workers", "trust_pickle")
+
+
+@dataclass
+class RunConfig:
+    """Every option of ``compress run``; names match the CLI flags (``--retrain-epochs`` ->
+    ``retrain_epochs``) and the keys of a ``--config`` YAML file."""
+
+    data: str = DIGITS
+    arch: str = "resnet18"
+    weights: str = "auto"  # auto = imagenet when cached, else none
+    model: str | None = None  # an already fine-tuned checkpoint: skip fine-tuning
+    stem: str = "imagenet"
+    input_size: int | None = None
+    val_fraction: float = 0.2
+    # fine-tuning
+    epochs: int = 12
+    batch_size: int = 64
+    optimizer: str = "adam-then-sgd"
+    lr: float = 1e-3
+    sgd_lr: float = 0.01
+    switch_epoch: int | None = None
+    schedule: str = "cosine"
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.1
+    freeze_epochs: int | None = None  # auto: 1 with pretrained weights, else 0
+    patience: int = 5
+    balance: str = "none"
+    aug_scale_min: float = 0.6
+    aug_hflip: bool | None = None  # auto: off for digits (a mirrored digit is another glyph), on otherwise
+    aug_rotation: float = 10.0
+    aug_color_jitter: float = 0.2
+    # pruning
+    prune_steps: int = 3
+    target_macs: float = 0.4
+    retrain_epochs: int = 4
+    retrain_lr: float = 0.01
+    scope: str = "global"
+    max_layer_ratio: float = 0.75
+    round_to: int = 8
+    # export and report
+    opset: int = 18
+    parity_tolerance: float = 1e-3
+    latency_batch: int = 32
+    # execution
+    device: str = "auto"
+    seed: int = 0
+    workers: int | None = None
+    trust_pickle: bool = False
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def augmentation(self) -> Augmentation:
+        hflip = self.aug_hflip if self.aug_hflip is not None else self.data != DIGITS
+        return Augmentation(self.aug_scale_min, hflip, self.aug_rotation, self.aug_color_jitter)
+
+    def finetune_settings(self, pretrained: bool) -> TrainSettings:
+        freeze = self.freeze_epochs if self.freeze_epochs is not None else (1 if pretrained else 0)
+        return TrainSettings(epochs=self.epochs, optimizer=self.optimizer, lr=self.lr, sgd_lr=self.sgd_lr,
+                             switch_epoch=self.switch_epoch, schedule=self.schedule, weight_decay=self.weight_decay,
+                             label_smoothing=self.label_smoothing, freeze_epochs=freeze, patience=self.patience)
+
+    def retrain_settings(self) -> TrainSettings:
+        return TrainSettings(epochs=self.retrain_epochs, optimizer="sgd", sgd_lr=self.retrain_lr,
+                             schedule=self.schedule, weight_decay=self.weight_decay,
+                             label_smoothing=self.label_smoothing, patience=0)
+
+    def prune_settings(self) -> PruneSettings:
+        return PruneSettings(self.target_macs, self.prune_steps, self.scope, self.max_layer_ratio, self.round_to)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        checks = [
+            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
+            (self.balance in BALANCE, f"--balance must be one of {', '.join(BALANCE)}"),
+            (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}"),
+            (self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}"),
+            (self.epochs >= 0, "--epochs must be >= 0"),
+            (self.retrain_epochs >= 0, "--retrain-epochs must be >= 0"),
+            (self.batch_size >= 1, "--batch-size must be >= 1"),
+            (0.0 < self.val_fraction < 1.0, "--val-fraction must be in (0, 1)"),
+            (0.0 < self.aug_scale_min <= 1.0, "--aug-scale-min must be in (0, 1]"),
+            (self.lr > 0 and self.sgd_lr > 0 and self.retrain_lr > 0, "learning rates must be > 0"),
+            (0.0 < self.parity_tolerance, "--parity-tolerance must be > 0"),
+            (17 <= self.opset, "--opset must be >= 17"),
+            (self.latency_batch >= 1, "--latency-batch must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+        validate_settings(self.prune_settings())
+
+
+def _coerce(name: str, value: Any, field_type: Any) -> Any:
+    """YAML gives ints for floats and strings for paths; accept what is unambiguous."""
+    if value is None:
+        return None
+    text = str(field_type)
+    try:
+        if text.startswith("bool"):
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        if text.startswith("int"):
+            if isinstance(value, bool):
+                raise ValueError
+            return int(value)
+        if text.startswith("float"):
+            return float(value)
+        if text.startswith("str"):
+            return str(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"option {name}: {value!r} is not a valid {text.split(' ')[0]}") from None
+    return value
+
+
+def load_yaml_options(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UsageError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UsageError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"--config {path}: expected a mapping of option names to values")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def resolve_config(cli_options: dict[str, Any], config_file: Path | None) -> RunConfig:
+    """Merge defaults, the YAML file and the flags actually given (``None`` = not given)."""
+    merged: dict[str, Any] = {}
+    if config_file is not None:
+        merged.update(load_yaml_options(config_file))
+    merged.update({k: v for k, v in cli_options.items() if v is not None})
+    known = {f.name: f for f in fields(RunConfig)}
+    unknown = sorted(set(merged) - set(known))
+    if unknown:
+        raise UsageError(f"unknown option(s) in --config: {', '.join(unknown)}")
+    values = {name: _coerce(name, value, known[name].type) for name, value in merged.items()}
+    config = RunConfig(**values)
+    config.validate()
+    return config
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Options (other than execution-only ones) whose values differ between two runs."""
+    keys = (set(old) | set(new)) - set(EXECUTION_ONLY)
+    return sorted(k for k in keys if old.get(k) != new.get(k))

@@ -1,0 +1,112 @@
+"""Export: each step to ONNX, checked, with a parity test against PyTorch.
+
+The ONNX file is self-describing for serving: fixed tensor names (``input`` NCHW float32,
+``logits``), a dynamic batch axis, and metadata props holding the class names and the
+preprocessing, so a service needs nothing but the file."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from .models import example_input
+from .rundir import atomic_write_with
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+
+
+class ParityError(RuntimeError):
+    """ONNX Runtime disagrees with PyTorch beyond the tolerance: the export is wrong."""
+
+
+def export_onnx(model: nn.Module, path: Path, *, input_size: int, metadata: dict[str, Any], opset: int = 18) -> None:
+    """Write ``model`` as ONNX (dynamic batch), run ``onnx.checker`` and embed ``metadata``
+    (values JSON-encoded unless already strings)."""
+    model = model.eval().cpu()
+
+    def write(tmp: Path) -> None:
+        batch = torch.export.Dim("batch", min=1, max=65536)
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        program = torch.onnx.export(model, (example_input(input_size, batch=2),), input_names=[INPUT_NAME],
+                                    output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},), opset_version=opset,
+                                    dynamo=True, external_data=False, verbose=False)
+        proto = program.model_proto
+        for key, value in metadata.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
+        onnx.checker.check_model(proto, full_check=True)
+        onnx.save(proto, str(tmp))
+
+    atomic_write_with(path, write)
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """The metadata props of an ONNX file, JSON values decoded."""
+    proto = onnx.load(str(path), load_external_data=False)
+    out: dict[str, Any] = {}
+    for entry in proto.metadata_props:
+        try:
+            out[entry.key] = json.loads(entry.value)
+        except json.JSONDecodeError:
+            out[entry.key] = entry.value
+    return out
+
+
+def make_session(path: Path | str, provider: str = "cpu", *, threads: int | None = None,
+                 cudnn_heuristic: bool = True, spinning: bool = True) -> ort.InferenceSession:
+    """An ONNX Runtime session on ``cpu`` or ``cuda`` (CUDA EP with CPU fallback).
+
+    Callers that care which provider really runs must check ``session.get_providers()[0]``:
+    ORT silently falls back to CPU when the CUDA provider cannot load. ``spinning=False`` stops
+    idle intra-op threads from busy-waiting: needed when several sessions take turns (a
+    benchmark interleaving models), or their spinning threads steal each other's cores."""
+    options = ort.SessionOptions()
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    providers: list[Any] = ["CPUExecutionProvider"]
+    if provider == "cuda":
+        cuda_options = {"cudnn_conv_algo_search": "HEURISTIC" if cudnn_heuristic else "EXHAUSTIVE"}
+        providers = [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
+    return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+
+
+@torch.no_grad()
+def parity_check(model: nn.Module, onnx_path: Path, batches: Iterable[torch.Tensor], *, tolerance: float,
+                 max_images: int = 512) -> dict[str, float]:
+    """Compare PyTorch (CPU, fp32) and ONNX Runtime (CPU) logits on real validation images.
+
+    Returns ``max_abs_diff``, ``top1_agreement`` and the number of images; raises
+    :class:`ParityError` when the difference exceeds ``tolerance``."""
+    model = model.eval().cpu()
+    session = make_session(onnx_path, "cpu", threads=min(4, os.cpu_count() or 1))
+    max_diff, agree, seen = 0.0, 0, 0
+    for images in batches:
+        images = images[: max_images - seen]
+        if len(images) == 0:
+            break
+        expected = model(images).numpy()
+        actual = session.run([OUTPUT_NAME], {INPUT_NAME: images.numpy().astype(np.float32)})[0]
+        max_diff = max(max_diff, float(np.abs(expected - actual).max()))
+        agree += int((expected.argmax(1) == actual.argmax(1)).sum())
+        seen += len(images)
+        if seen >= max_images:
+            break
+    result = {"max_abs_diff": max_diff, "top1_agreement": agree / max(seen, 1), "images": seen, "tolerance": tolerance}
+    if not max_diff <= tolerance:
+        raise ParityError(f"ONNX parity failed for {onnx_path.name}: max |logit difference| {max_diff:.3g} "
+                          f"> tolerance {tolerance:g} (top-1 agreement {result['top1_agreement']:.4f})")
+    return result

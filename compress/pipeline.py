@@ -1,0 +1,304 @@
+"""The stages of a run and their bookkeeping in ``RUN_DIR/manifest.json``.
+
+Layout of a run directory::
+
+    manifest.json                 the contract (dataset, config, versions, steps, report)
+    steps/step_00/model.pt        fine-tuned checkpoint (step 0)
+    steps/step_00/model.onnx      its ONNX export
+    steps/step_00/train_state.pt  per-epoch training state (resume inside a stage)
+    steps/step_0K/pruned.pt       step K right after pruning, before retraining
+    report.md, pareto.png         accuracy vs latency
+
+Every stage is idempotent: it skips what the manifest says is finished and redoes the rest.
+The manifest is rewritten (atomically) after each finished unit of work, so ``kill -9`` at any
+moment loses at most the unit in progress."""
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from . import export as onnx_export
+from . import models
+from .config import RunConfig, config_differences
+from .data import DataBundle, Preprocessing, class_weights, load_data, make_loaders
+from .errors import UsageError
+from .pruning import conv_out_widths, count_macs_params, prune_to_macs, step_targets
+from .rundir import read_manifest, relative, write_manifest
+from .training import evaluate, fit
+
+console = Console(stderr=True)
+VERSION_PACKAGES = ("torch", "torchvision", "torch-pruning", "onnx", "onnxruntime-gpu", "onnxruntime", "numpy",
+                    "pillow", "bentoml", "resnet-compress")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in VERSION_PACKAGES:
+        try:
+            versions[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: CUDA is not available on this machine (use --device auto or cpu)")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "steps" / f"step_{step:02d}"
+
+
+@dataclass
+class Run:
+    """A run directory with its resolved config, data and manifest, loaded once per command."""
+
+    run_dir: Path
+    config: RunConfig
+    manifest: dict[str, Any]
+    data: DataBundle
+    device: torch.device
+
+    # --- bookkeeping -------------------------------------------------------------------------
+    def save(self) -> None:
+        write_manifest(self.run_dir, self.manifest)
+
+    def step_entry(self, step: int) -> dict[str, Any] | None:
+        return next((s for s in self.manifest["steps"] if s["step"] == step), None)
+
+    def put_step(self, entry: dict[str, Any]) -> None:
+        steps = [s for s in self.manifest["steps"] if s["step"] != entry["step"]] + [entry]
+        self.manifest["steps"] = sorted(steps, key=lambda s: s["step"])
+        self.save()
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.data.preprocessing
+
+    def loaders(self) -> tuple[Any, Any]:
+        workers = self.config.workers
+        if workers is None:  # in-memory data needs no worker processes
+            workers = 0 if self.data.layout == "embedded" else min(4, max(1, (os.cpu_count() or 1) - 1))
+        return make_loaders(self.data, batch_size=self.config.batch_size, balance=self.config.balance,
+                            seed=self.config.seed, workers=workers, pin_memory=self.device.type == "cuda")
+
+    def class_weight(self) -> torch.Tensor | None:
+        if self.config.balance != "weights":
+            return None
+        return class_weights(self.data.train_labels, len(self.data.classes))
+
+    def load_step_model(self, step: int) -> torch.nn.Module:
+        entry = self.step_entry(step)
+        if entry is None:
+            raise UsageError(f"step {step} is not finished in {self.run_dir}")
+        model, _ = models.load_checkpoint(self.run_dir / entry["checkpoint"])
+        return model
+
+
+def open_run(run_dir: Path, config: RunConfig | None, *, force: bool = False) -> Run:
+    """Create or reopen a run directory.
+
+    With ``config``: a new run is started, or an existing one is checked to have been made
+    with the same options (``force`` wipes it and starts again). Without: the config
+    recorded in the manifest is used (stage commands that take only RUN_DIR)."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--out {run_dir} exists and is not a folder")
+    manifest = read_manifest(run_dir) if run_dir.is_dir() else None
+    if config is None:
+        if manifest is None:
+            raise UsageError(f"{run_dir} is not a run directory (no manifest.json); start it with `compress run`")
+        stored = {k: v for k, v in manifest["config"].items() if k in RunConfig.option_names()}
+        config = RunConfig(**stored)
+    elif manifest is not None:
+        differences = config_differences(manifest.get("config", {}), config.to_dict())
+        if differences and not force:
+            shown = ", ".join(f"{k} ({manifest['config'].get(k)!r} -> {config.to_dict().get(k)!r})" for k in differences[:4])
+            raise UsageError(f"{run_dir} was made with other options: {shown}; use another --out, or --force to start over")
+        if force:
+            shutil.rmtree(run_dir)
+            manifest = None
+    elif run_dir.is_dir() and any(run_dir.iterdir()) and not force:
+        raise UsageError(f"--out {run_dir} exists, is not empty and is not a run directory; use another --out or --force")
+    if config.model is not None and not Path(config.model).is_file():
+        raise UsageError(f"--model {config.model}: no such file")
+    if config.weights not in ("auto", "imagenet", "none") and not Path(config.weights).is_file():
+        raise UsageError(f"--weights {config.weights}: no such file (use imagenet, none, auto or a state-dict file)")
+    device = resolve_device(config.device)
+    data = load_data(config.data, augment=config.augmentation(), val_fraction=config.val_fraction,
+                     seed=config.seed, input_size=config.input_size)
+    if manifest is None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        manifest = {"format": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "steps": [], "stages": {}}
+    manifest["dataset"] = data.summary()
+    manifest["preprocessing"] = data.preprocessing.to_dict()
+    manifest["config"] = config.to_dict()
+    manifest["versions"] = library_versions()
+    manifest["command"] = " ".join([Path(sys.argv[0]).name] + sys.argv[1:])
+    run = Run(run_dir, config, manifest, data, device)
+    run.save()
+    return run
+
+
+def _resolved_weights(config: RunConfig) -> str:
+    if config.weights != "auto":
+        return config.weights
+    return "imagenet" if models.imagenet_weights_available(config.arch) and config.stem == "imagenet" else "none"
+
+
+def _record_step(run: Run, step: int, model: torch.nn.Module, accuracy: float, extra: dict[str, Any]) -> None:
+    """Save the step's checkpoint and manifest entry (keeping any export fields of a redo)."""
+    folder = step_dir(run.run_dir, step)
+    checkpoint = folder / "model.pt"
+    models.save_checkpoint(checkpoint, model, arch=run.config.arch, stem=run.config.stem, classes=run.data.classes,
+                           extra={"step": step, "accuracy": accuracy, "preprocessing": run.preprocessing.to_dict()})
+    macs, params = count_macs_params(model, run.preprocessing.input_size)
+    entry = {"step": step, "macs": macs, "params": params, "accuracy": accuracy,
+             "checkpoint": relative(run.run_dir, checkpoint), "onnx": None, "parity": None,
+             "widths": conv_out_widths(model), **extra}
+    run.put_step(entry)
+    # only needed to resume this step mid-way; the step is now finished
+    for leftover in ("train_state.pt", "pruned.pt"):
+        (folder / leftover).unlink(missing_ok=True)
+
+
+def finetune(run: Run) -> None:
+    """Stage 1: step 0, the fine-tuned model (or the one given with ``--model``)."""
+    if run.step_entry(0) is not None:
+        console.print(f"[dim]step 0 already finished: accuracy {run.step_entry(0)['accuracy']:.4f}[/]")
+        return
+    config = run.config
+    _, val_loader = run.loaders()
+    if config.model is not None:
+        model, meta = models.load_checkpoint(Path(config.model), trust_pickle=config.trust_pickle)
+        if meta.get("classes") not in (None, run.data.classes):
+            raise UsageError(f"--model {config.model} was trained on classes {meta['classes']}, "
+                             f"the data has {run.data.classes}")
+        accuracy = evaluate(model.to(run.device), val_loader, run.device)
+        run.manifest["stages"]["finetune"] = {"skipped": "started from --model", "model": str(config.model)}
+        _record_step(run, 0, model.cpu(), accuracy, {"source": "model"})
+        return
+    weights = _resolved_weights(config)
+    model = models.build_model(config.arch, len(run.data.classes), weights=weights, stem=config.stem,
+                               trust_pickle=config.trust_pickle)
+    settings = config.finetune_settings(pretrained=weights != "none")
+    train_loader, val_loader = run.loaders()
+    started = time.perf_counter()
+    result = fit(model, train_loader, val_loader, settings, device=run.device,
+                 state_path=step_dir(run.run_dir, 0) / "train_state.pt", label="fine-tune",
+                 class_weight=run.class_weight(), seed=config.seed)
+    run.manifest["stages"]["finetune"] = {
+        "weights": weights, "settings": settings.__dict__, "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run, "stopped_early": result.stopped_early, "history": result.history,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    _record_step(run, 0, model.cpu(), result.best_accuracy, {"source": "finetune"})
+    console.print(f"step 0 (fine-tuned): val accuracy {result.best_accuracy:.4f}")
+
+
+def prune_step(run: Run, step: int) -> None:
+    """Stage 2, one step: prune step-1 towards this step's MACs target, retrain, record."""
+    if run.step_entry(step) is not None:
+        return
+    config, pre = run.config, run.preprocessing
+    settings = config.prune_settings()
+    folder = step_dir(run.run_dir, step)
+    base = run.step_entry(0)
+    target = step_targets(base["macs"], settings)[step - 1]
+    pruned_path = folder / "pruned.pt"
+    if pruned_path.exists():
+        model, meta = models.load_checkpoint(pruned_path)
+        prune_info = meta["extra"]["prune"]
+    else:
+        previous = run.load_step_model(step - 1)
+        model, prune_info = prune_to_macs(previous, target, settings, base["widths"], pre.input_size)
+        prune_info["target_macs"] = target
+        models.save_checkpoint(pruned_path, model, arch=config.arch, stem=config.stem, classes=run.data.classes,
+                               extra={"step": step, "prune": prune_info})
+    train_loader, val_loader = run.loaders()
+    accuracy_before = evaluate(model.to(run.device), val_loader, run.device)
+    started = time.perf_counter()
+    result = fit(model, train_loader, val_loader, config.retrain_settings(), device=run.device,
+                 state_path=folder / "train_state.pt", label=f"retrain step {step}",
+                 class_weight=run.class_weight(), seed=config.seed + step)
+    _record_step(run, step, model.cpu(), result.best_accuracy, {
+        "source": "prune", "prune": prune_info, "accuracy_before_retrain": accuracy_before,
+        "retrain": {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "history": result.history,
+                    "seconds": round(time.perf_counter() - started, 1)},
+    })
+    entry = run.step_entry(step)
+    console.print(f"step {step}: MACs {entry['macs'] / base['macs']:.1%} of step 0, accuracy "
+                  f"{accuracy_before:.4f} after pruning -> {result.best_accuracy:.4f} after retraining")
+
+
+def prune(run: Run) -> None:
+    if run.step_entry(0) is None:
+        raise UsageError(f"{run.run_dir} has no fine-tuned model yet (step 0); run `compress finetune` first")
+    for step in range(1, run.config.prune_steps + 1):
+        prune_step(run, step)
+
+
+def export_step(run: Run, step: int) -> None:
+    """Stage 3, one step: ONNX export, checker, parity on validation images."""
+    entry = run.step_entry(step)
+    if entry is None:
+        raise UsageError(f"step {step} is not finished; nothing to export")
+    if entry.get("onnx") and entry.get("parity") and (run.run_dir / entry["onnx"]).exists():
+        return
+    model = run.load_step_model(step)
+    path = step_dir(run.run_dir, step) / "model.onnx"
+    metadata = {"classes": run.data.classes, "preprocessing": run.preprocessing.to_dict(), "arch": run.config.arch,
+                "step": step, "accuracy": entry["accuracy"], "macs": entry["macs"], "params": entry["params"],
+                "producer": "resnet-compress"}
+    onnx_export.export_onnx(model, path, input_size=run.preprocessing.input_size, metadata=metadata,
+                            opset=run.config.opset)
+    _, val_loader = run.loaders()
+    parity = onnx_export.parity_check(model, path, (images for images, _ in val_loader),
+                                      tolerance=run.config.parity_tolerance)
+    entry.update({"onnx": relative(run.run_dir, path), "onnx_bytes": path.stat().st_size, "parity": parity})
+    run.put_step(entry)
+    console.print(f"step {step}: ONNX exported, parity max |diff| {parity['max_abs_diff']:.2e}, "
+                  f"top-1 agreement {parity['top1_agreement']:.4f}")
+
+
+def export(run: Run) -> None:
+    for entry in list(run.manifest["steps"]):
+        export_step(run, entry["step"])
+
+
+def report(run: Run) -> dict[str, Any]:
+    """Stage 4: ORT CPU latency of every step (interleaved, one run) and the closing report."""
+    from bench.runreport import write_run_report
+
+    missing = [s["step"] for s in run.manifest["steps"] if not s.get("onnx")]
+    if missing:
+        raise UsageError(f"steps {missing} have no ONNX export yet; run `compress export` first")
+    summary = write_run_report(run.run_dir, run.manifest, latency_batch=run.config.latency_batch)
+    run.manifest["report"] = summary
+    run.save()
+    return summary
+
+
+def run_all(run: Run) -> dict[str, Any]:
+    """``compress run``: every stage, exporting each step as soon as it is trained."""
+    finetune(run)
+    export_step(run, 0)
+    for step in range(1, run.config.prune_steps + 1):
+        prune_step(run, step)
+        export_step(run, step)
+    return report(run)
+
