@@ -4,17 +4,11 @@ Exit codes: 0 success, 2 bad usage or bad input (one line on stderr, no tracebac
 1 unexpected failure (one line on stderr; the traceback goes to a log file)."""
 from __future__ import annotations
 
-import sys
-import tempfile
-import traceback
 from pathlib import Path
 from typing import Any, Optional
 
-import click
 import typer
 from typing_extensions import Annotated
-
-from .errors import UsageError
 
 app = typer.Typer(
     name="compress",
@@ -174,37 +168,12 @@ def report(run_dir: RunDir) -> None:
     report_stage(_reopen(run_dir, "cpu"))
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: map every failure to one line and the contract's exit code."""
+    """Console-script entry point."""
+    from .cli_support import run_app
     from .export import ParityError
 
-    try:
-        app(args=argv, prog_name="compress", standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.exceptions.UsageError as exc:
-        print(f"compress: error: {_first_line(Exception(exc.format_message()))}", file=sys.stderr)
-        sys.exit(2)
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        print("compress: interrupted; run the same command again to resume", file=sys.stderr)
-        sys.exit(130)
-    except UsageError as exc:
-        print(f"compress: error: {_first_line(exc)}", file=sys.stderr)
-        sys.exit(2)
-    except ParityError as exc:
-        print(f"compress: {_first_line(exc)}", file=sys.stderr)
-        sys.exit(1)
-    except Exception as exc:  # a bug or an environment failure: keep the traceback, but out of the way
-        with tempfile.NamedTemporaryFile("w", prefix="compress-error-", suffix=".log", delete=False) as log:
-            traceback.print_exc(file=log)
-        print(f"compress: unexpected error: {type(exc).__name__}: {_first_line(exc)} (traceback in {log.name})",
-              file=sys.stderr)
-        sys.exit(1)
+    run_app(app, "compress", argv, failures=(ParityError,))
 
 
 if __name__ == "__main__":
