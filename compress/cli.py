@@ -165,7 +165,18 @@ def report(run_dir: RunDir) -> None:
     """Stage 4 alone: measure ONNX Runtime CPU latency of every step and write report.md and pareto.png."""
     from .pipeline import report as report_stage
 
-    report_stage(_reopen(run_dir, "cpu"))
+    report_stage(_reopen(run_dir, "cpu"), redo=True)
+
+
+@app.command()
+def register(run_dir: RunDir,
+             step: Annotated[Optional[int], typer.Option(help="Step to register (default: the run's recommended step).")] = None,
+             name: Annotated[Optional[str], typer.Option(help="Model name in the store (default: the run directory's name).")] = None) -> None:
+    """Store a step's ONNX model with its class names, preprocessing and metrics in the BentoML
+    model store (BENTOML_HOME) and print its tag, for `SERVE_MODELS=<tag> bentoml serve`."""
+    from .registry import register as register_step
+
+    typer.echo(register_step(run_dir, step=step, name=name))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -161,7 +161,7 @@ def _resolved_weights(config: RunConfig) -> str:
 
 
 def _record_step(run: Run, step: int, model: torch.nn.Module, accuracy: float, extra: dict[str, Any]) -> None:
-    """Save the step's checkpoint and manifest entry (keeping any export fields of a redo)."""
+    """Save the step's checkpoint and its manifest entry."""
     folder = step_dir(run.run_dir, step)
     checkpoint = folder / "model.pt"
     models.save_checkpoint(checkpoint, model, arch=run.config.arch, stem=run.config.stem, classes=run.data.classes,
@@ -280,13 +280,19 @@ def export(run: Run) -> None:
         export_step(run, entry["step"])
 
 
-def report(run: Run) -> dict[str, Any]:
-    """Stage 4: ORT CPU latency of every step (interleaved, one run) and the closing report."""
+def report(run: Run, *, redo: bool = False) -> dict[str, Any]:
+    """Stage 4: ORT CPU latency of every step (interleaved, one run) and the closing report.
+    Kept when it already covers every step, unless ``redo`` (``compress report`` measures again)."""
     from bench.runreport import write_run_report
 
     missing = [s["step"] for s in run.manifest["steps"] if not s.get("onnx")]
     if missing:
         raise UsageError(f"steps {missing} have no ONNX export yet; run `compress export` first")
+    done = run.manifest.get("report")
+    if not redo and done and [s["step"] for s in done["steps"]] == [s["step"] for s in run.manifest["steps"]] \
+            and all((run.run_dir / done[key]).exists() for key in ("report", "pareto", "results")):
+        console.print("[dim]report already written[/]")
+        return done
     summary = write_run_report(run.run_dir, run.manifest, latency_batch=run.config.latency_batch)
     run.manifest["report"] = summary
     run.save()

@@ -1,0 +1,109 @@
+"""The service's configuration, read from the environment when the service starts.
+
+Everything is an environment variable so that the same code runs under ``bentoml serve``,
+in a built Bento and in its container (``docker run -e SERVE_MODELS=...``):
+
+- ``SERVE_MODELS``: comma-separated model tags (``name:version`` or ``name`` for the latest);
+  one tag serves that model, several a voting ensemble.
+- ``SERVE_VOTING``: ``soft`` (mean of the members' probabilities, default) or ``hard``
+  (majority of their labels, ties broken by mean probability).
+- ``SERVE_PROVIDER``: ``auto`` (CUDA first, CPU fallback; default), ``cuda`` or ``cpu``.
+- ``SERVE_PRECISION``: ``fp32`` (default) or ``fp16`` (the fp16 export, where registered).
+- ``SERVE_THREADS``: ONNX Runtime intra-op threads on CPU (default: ORT's choice).
+- ``SERVE_MAX_BYTES``: largest accepted image upload in bytes (default 20 MiB) -> 413.
+- ``SERVE_MAX_PIXELS``: largest accepted image in pixels (default 40 M; decompression bombs) -> 400.
+- ``SERVE_MAX_FILES``: most images in one ``/classify_batch`` request (default 64) -> 413.
+- ``SERVE_TOP_K``: entries in ``top_k`` (default 5, at most the number of classes).
+- ``SERVE_MAX_BATCH_SIZE`` / ``SERVE_MAX_LATENCY_MS``: adaptive batching limits (default 64 / 20000).
+- ``SERVE_WORKERS``: worker processes of the HTTP front (default 1); the model service runs one.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+VOTING = ("soft", "hard")
+PROVIDERS = ("auto", "cuda", "cpu")
+PRECISIONS = ("fp32", "fp16")
+
+
+class ConfigError(RuntimeError):
+    """The service cannot start with this configuration; the message says what to change."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw.replace("_", ""))
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={value} must be at least {minimum}")
+    return value
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    value = env.get(name, "").strip().lower() or choices[0]
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} must be one of {', '.join(choices)}")
+    return value
+
+
+def parse_models(text: str) -> tuple[str, ...]:
+    """``"a:1, b"`` -> ``("a:1", "b")``; a tag listed twice is an error (it would vote twice)."""
+    tags = tuple(part.strip() for part in text.split(",") if part.strip())
+    seen: set[str] = set()
+    for tag in tags:
+        if tag in seen:
+            raise ConfigError(f"SERVE_MODELS lists {tag!r} twice")
+        seen.add(tag)
+    return tags
+
+
+@dataclass(frozen=True)
+class Settings:
+    models: tuple[str, ...]
+    voting: str = "soft"
+    provider: str = "auto"
+    precision: str = "fp32"
+    threads: int = 0
+    max_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    max_files: int = 64
+    top_k: int = 5
+    max_batch_size: int = 64
+    max_latency_ms: int = 20_000
+    workers: int = 1
+
+    @property
+    def max_request_bytes(self) -> int:
+        """The whole multipart body: every file at its limit plus room for the part headers."""
+        return self.max_files * (self.max_bytes + 4096) + 65536
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        return cls(
+            models=parse_models(env.get("SERVE_MODELS", "")),
+            voting=_choice(env, "SERVE_VOTING", VOTING),
+            provider=_choice(env, "SERVE_PROVIDER", PROVIDERS),
+            precision=_choice(env, "SERVE_PRECISION", PRECISIONS),
+            threads=_int(env, "SERVE_THREADS", 0, minimum=0),
+            max_bytes=_int(env, "SERVE_MAX_BYTES", cls.max_bytes),
+            max_pixels=_int(env, "SERVE_MAX_PIXELS", cls.max_pixels),
+            max_files=_int(env, "SERVE_MAX_FILES", cls.max_files),
+            top_k=_int(env, "SERVE_TOP_K", cls.top_k),
+            max_batch_size=_int(env, "SERVE_MAX_BATCH_SIZE", cls.max_batch_size, minimum=2),
+            max_latency_ms=_int(env, "SERVE_MAX_LATENCY_MS", cls.max_latency_ms),
+            workers=_int(env, "SERVE_WORKERS", cls.workers),
+        )
+
+    def require_models(self) -> tuple[str, ...]:
+        if not self.models:
+            raise ConfigError("SERVE_MODELS is not set: set it to a model tag printed by `compress register RUN_DIR` "
+                              "(or several comma-separated tags for a voting ensemble); `bentoml models list` shows "
+                              "the tags in the store")
+        return self.models

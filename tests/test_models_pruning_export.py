@@ -1,0 +1,134 @@
+"""Models, real torch-pruning graph surgery, checkpoints and ONNX export with parity."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from compress.errors import UsageError
+from compress.export import INPUT_NAME, OUTPUT_NAME, ParityError, export_onnx, make_session, parity_check, read_metadata
+from compress.models import build_model, imagenet_weights_path, load_checkpoint, save_checkpoint
+from compress.pruning import PruneSettings, conv_out_widths, count_macs_params, prune_to_macs, step_targets
+
+
+def _pruned(arch: str = "resnet18", size: int = 32, target: float = 0.5, scope: str = "global",
+            classes: int = 5) -> tuple[nn.Module, nn.Module, PruneSettings]:
+    torch.manual_seed(0)
+    model = build_model(arch, classes).eval()
+    settings = PruneSettings(target_macs=target, steps=1, scope=scope)
+    base, _ = count_macs_params(model, size)
+    pruned, info = prune_to_macs(model, step_targets(base, settings)[-1], settings, conv_out_widths(model), size)
+    return model, pruned, settings
+
+
+@pytest.mark.parametrize("arch, scope", [("resnet18", "global"), ("resnet18", "uniform"), ("resnet20", "global"),
+                                         ("resnet50", "global")])
+def test_pruning_reaches_the_macs_target_and_keeps_the_model_whole(arch: str, scope: str) -> None:
+    size = 32
+    model, pruned, settings = _pruned(arch, size, 0.5, scope)
+    base_macs, base_params = count_macs_params(model, size)
+    macs, params = count_macs_params(pruned, size)
+    assert macs <= 0.5 * base_macs
+    assert macs >= 0.3 * base_macs, "bisection should prune no more than needed"
+    assert params < base_params
+    assert pruned(torch.randn(3, 3, size, size)).shape == (3, 5)
+    assert pruned.fc.out_features == 5  # the classifier's outputs are never pruned
+    before, after = conv_out_widths(model), conv_out_widths(pruned)
+    for name, width in after.items():
+        assert width >= before[name] * (1 - settings.max_layer_ratio) - 1e-9, name
+        if before[name] % 8 == 0:
+            assert width % 8 == 0, f"{name} has {width} channels, not a multiple of 8"
+
+
+def test_step_targets_are_geometric_and_end_at_the_target() -> None:
+    targets = step_targets(1000, PruneSettings(target_macs=0.4, steps=3))
+    assert targets[-1] == 400
+    assert targets[0] > targets[1] > targets[2]
+    assert targets[0] / 1000 == pytest.approx(targets[1] / targets[0], rel=0.01)
+
+
+def test_unreachable_target_is_a_clear_error() -> None:
+    model = build_model("resnet20", 3).eval()
+    settings = PruneSettings(target_macs=0.01, steps=1, max_layer_ratio=0.5)
+    base, _ = count_macs_params(model, 32)
+    with pytest.raises(UsageError, match="cannot prune"):
+        prune_to_macs(model, int(base * 0.01), settings, conv_out_widths(model), 32)
+
+
+def test_pruned_checkpoint_reloads_safely_without_pruning(tmp_path: Path) -> None:
+    _, pruned, _ = _pruned("resnet18", 32, 0.5)
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, pruned, arch="resnet18", stem="imagenet", classes=list("abcde"))
+    loaded, meta = load_checkpoint(path)
+    x = torch.randn(2, 3, 32, 32)
+    assert meta["classes"] == list("abcde")
+    assert torch.equal(pruned.eval()(x), loaded.eval()(x))
+    assert conv_out_widths(loaded) == conv_out_widths(pruned)
+
+
+def test_pickled_model_needs_explicit_opt_in(tmp_path: Path) -> None:
+    path = tmp_path / "pickled.pt"
+    torch.save(build_model("resnet20", 3), path)
+    with pytest.raises(UsageError, match="--trust-pickle"):
+        load_checkpoint(path)
+    model, _ = load_checkpoint(path, trust_pickle=True)
+    assert isinstance(model, nn.Module)
+
+
+def test_imagenet_weights_offline_error_says_where_the_file_goes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    expected = imagenet_weights_path("resnet18")
+    assert str(expected).startswith(str(tmp_path))
+    with pytest.raises(UsageError, match=str(expected.name)):
+        build_model("resnet18", 4, weights="imagenet")
+
+
+def test_imagenet_weights_load_from_the_local_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file in $TORCH_HOME/hub/checkpoints is used with no network (here a stand-in file
+    with torchvision's name and layout; the new head replaces the 1000-class one)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    source = build_model("resnet18", 1000)
+    path = imagenet_weights_path("resnet18")
+    path.parent.mkdir(parents=True)
+    torch.save(source.state_dict(), path)
+    model = build_model("resnet18", 4, weights="imagenet")
+    assert torch.equal(model.conv1.weight, source.conv1.weight)
+    assert model.fc.out_features == 4
+
+
+def test_weights_file_with_another_head_is_transfer_learned(tmp_path: Path) -> None:
+    source = build_model("resnet20", 7)
+    torch.save({"state_dict": source.state_dict()}, tmp_path / "w.pt")
+    model = build_model("resnet20", 3, weights=str(tmp_path / "w.pt"))
+    assert torch.equal(model.conv1.weight, source.conv1.weight) and model.fc.out_features == 3
+    with pytest.raises(UsageError, match="wrong --arch"):
+        build_model("resnet32", 3, weights=str(tmp_path / "w.pt"))
+
+
+def test_onnx_export_parity_metadata_and_dynamic_batch(tmp_path: Path) -> None:
+    _, pruned, _ = _pruned("resnet20", 32, 0.6, classes=3)
+    path = tmp_path / "m.onnx"
+    meta = {"classes": ["a", "b", "c"], "preprocessing": {"input_size": 32, "resize": 32}}
+    export_onnx(pruned, path, input_size=32, metadata=meta, opset=18)
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    assert proto.opset_import[0].version >= 17
+    assert [i.name for i in proto.graph.input] == [INPUT_NAME] and [o.name for o in proto.graph.output] == [OUTPUT_NAME]
+    assert read_metadata(path)["classes"] == ["a", "b", "c"]
+    session = make_session(path)
+    for batch in (1, 7):
+        out = session.run([OUTPUT_NAME], {INPUT_NAME: np.random.rand(batch, 3, 32, 32).astype(np.float32)})[0]
+        assert out.shape == (batch, 3)
+    batches = [torch.randn(8, 3, 32, 32) for _ in range(3)]
+    result = parity_check(pruned, path, batches, tolerance=1e-4)
+    assert result["max_abs_diff"] <= 1e-4 and result["top1_agreement"] == 1.0 and result["images"] == 24
+    other = copy.deepcopy(pruned)
+    with torch.no_grad():
+        other.fc.bias += 1.0
+    with pytest.raises(ParityError, match="parity failed"):
+        parity_check(other, path, batches, tolerance=1e-3)
