@@ -10,6 +10,8 @@ from typing import Any, Optional
 import typer
 from typing_extensions import Annotated
 
+from .errors import UsageError
+
 app = typer.Typer(
     name="compress",
     help="Fine-tune a torchvision ResNet on an image folder, prune whole conv filters by L1 norm in steps "
@@ -60,11 +62,17 @@ PruneSteps = Annotated[Optional[int], typer.Option(help="Number of pruning steps
 TargetMacs = Annotated[Optional[float], typer.Option(help="Fraction of step 0's MACs the last step keeps, e.g. 0.4.")]
 RetrainEpochs = Annotated[Optional[int], typer.Option(help="Retraining epochs after each pruning step.")]
 RetrainLr = Annotated[Optional[float], typer.Option(help="Retraining (SGD) learning rate.")]
-Scope = Annotated[Optional[str], typer.Option(help="global (rank all filters together) or uniform (same ratio per layer).")]
+Scope = Annotated[Optional[str], typer.Option(help="global (rank all filters together), uniform (same ratio per layer) or block (only the inner convs of residual blocks).")]
+DistillWeight = Annotated[Optional[float], typer.Option(help="Retraining: weight of knowledge distillation from step 0 (0: off).")]
+DistillTemperature = Annotated[Optional[float], typer.Option(help="Distillation temperature.")]
+ExportFp16 = Annotated[Optional[bool], typer.Option("--export-fp16/--no-export-fp16", help="Also export an fp16 ONNX of every step (fp32 inputs/outputs).")]
+LayerCaps = Annotated[Optional[str], typer.Option(help="YAML of per-layer maximum ratios (from `compress sensitivity`; 0 = do not prune).")]
 MaxLayerRatio = Annotated[Optional[float], typer.Option(help="No layer loses more than this fraction of its filters.")]
 RoundTo = Annotated[Optional[int], typer.Option(help="Keep channel counts multiples of this.")]
 ParityTolerance = Annotated[Optional[float], typer.Option(help="Max |logit difference| ONNX vs PyTorch.")]
-LatencyBatch = Annotated[Optional[int], typer.Option(help="The larger batch size of the closing latency report.")]
+LatencyBatch = Annotated[Optional[int], typer.Option(help="Batch size of --target-speedup and the larger batch of the closing latency report.")]
+TargetSpeedup = Annotated[Optional[float], typer.Option(help="Prune step by step until this speed-up over step 0 is measured (bounded by --target-macs and --prune-steps).")]
+LatencyBackend = Annotated[Optional[str], typer.Option(help="Where --target-speedup is measured: ort-cpu, ort-cuda or torch.")]
 Device = Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")]
 Seed = Annotated[Optional[int], typer.Option(help="Random seed.")]
 Workers = Annotated[Optional[int], typer.Option(help="DataLoader worker processes (default: auto).")]
@@ -103,7 +111,10 @@ def run(data: Data = None, out: Out = None, arch: Arch = None, weights: Weights 
         aug_color_jitter: AugColorJitter = None, val_fraction: ValFraction = None, prune_steps: PruneSteps = None,
         target_macs: TargetMacs = None, retrain_epochs: RetrainEpochs = None, retrain_lr: RetrainLr = None,
         scope: Scope = None, max_layer_ratio: MaxLayerRatio = None, round_to: RoundTo = None,
-        parity_tolerance: ParityTolerance = None, latency_batch: LatencyBatch = None, device: Device = None,
+        layer_caps: LayerCaps = None,
+        distill_weight: DistillWeight = None, distill_temperature: DistillTemperature = None,
+        export_fp16: ExportFp16 = None, parity_tolerance: ParityTolerance = None, latency_batch: LatencyBatch = None,
+        target_speedup: TargetSpeedup = None, latency_backend: LatencyBackend = None, device: Device = None,
         seed: Seed = None, workers: Workers = None, trust_pickle: TrustPickle = None, config_file: ConfigFile = None,
         force: Force = False) -> None:
     """Fine-tune, prune in steps with retraining, export each step to ONNX, report. Resumable."""
@@ -124,7 +135,10 @@ def finetune(data: Data = None, out: Out = None, arch: Arch = None, weights: Wei
              aug_color_jitter: AugColorJitter = None, val_fraction: ValFraction = None, prune_steps: PruneSteps = None,
              target_macs: TargetMacs = None, retrain_epochs: RetrainEpochs = None, retrain_lr: RetrainLr = None,
              scope: Scope = None, max_layer_ratio: MaxLayerRatio = None, round_to: RoundTo = None,
-             parity_tolerance: ParityTolerance = None, latency_batch: LatencyBatch = None, device: Device = None,
+             layer_caps: LayerCaps = None,
+             distill_weight: DistillWeight = None, distill_temperature: DistillTemperature = None,
+             export_fp16: ExportFp16 = None, parity_tolerance: ParityTolerance = None, latency_batch: LatencyBatch = None,
+        target_speedup: TargetSpeedup = None, latency_backend: LatencyBackend = None, device: Device = None,
              seed: Seed = None, workers: Workers = None, trust_pickle: TrustPickle = None, config_file: ConfigFile = None,
              force: Force = False) -> None:
     """Stage 1 alone: create the run directory and fine-tune step 0. The options are those of
@@ -177,6 +191,25 @@ def register(run_dir: RunDir,
     from .registry import register as register_step
 
     typer.echo(register_step(run_dir, step=step, name=name))
+
+
+@app.command()
+def sensitivity(run_dir: RunDir,
+                step: Annotated[int, typer.Option(help="Which finished step to analyse.")] = 0,
+                ratios: Annotated[str, typer.Option(help="Comma-separated pruning ratios.")] = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
+                tolerance: Annotated[float, typer.Option(help="Accuracy drop (fraction) a layer may show at its cap.")] = 0.02,
+                device: Device = None) -> None:
+    """Prune each group alone at each ratio without retraining and measure accuracy; writes
+    RUN_DIR/sensitivity/ (CSV, JSON, PNG) and layer_caps.yaml for `compress run --layer-caps`."""
+    try:
+        parsed = tuple(float(r) for r in ratios.split(",") if r.strip())
+    except ValueError:
+        raise UsageError(f"--ratios {ratios!r}: expected comma-separated numbers") from None
+    if not parsed or not all(0.0 < r < 1.0 for r in parsed):
+        raise UsageError("--ratios must be numbers in (0, 1)")
+    from .pipeline import sensitivity as sensitivity_stage
+
+    sensitivity_stage(_reopen(run_dir, device), step=step, ratios=parsed, tolerance=tolerance)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,6 +19,7 @@ OPTIMIZERS = ("adam", "sgd", "adam-then-sgd")
 BALANCE = ("none", "weights", "sampler")
 SCHEDULES = ("cosine", "step")
 DEVICES = ("auto", "cpu", "cuda")
+LATENCY_BACKENDS = ("ort-cpu", "ort-cuda", "torch")
 # Options that change how a run executes but not what it computes: they may differ on resume.
 EXECUTION_ONLY = ("device", "workers", "trust_pickle")
 
@@ -53,15 +54,22 @@ class RunConfig:
     aug_rotation: float = 10.0
     aug_color_jitter: float = 0.2
     # pruning
-    prune_steps: int = 3
-    target_macs: float = 0.4
+    prune_steps: int = 3  # with target_speedup: the most steps to try
+    target_macs: float = 0.4  # with target_speedup: the smallest model to try
+    target_speedup: float | None = None  # stop pruning at the first step this much faster than step 0
+    latency_backend: str = "ort-cpu"  # where target_speedup is measured
+
     retrain_epochs: int = 4
     retrain_lr: float = 0.01
     scope: str = "global"
+    distill_weight: float = 0.0  # retraining: weight of distillation from step 0 (0 = off)
+    distill_temperature: float = 4.0
     max_layer_ratio: float = 0.75
+    layer_caps: str | None = None  # YAML from `compress sensitivity`: per-layer maximum ratios
     round_to: int = 8
     # export and report
     opset: int = 18
+    export_fp16: bool = False
     parity_tolerance: float = 1e-3
     latency_batch: int = 32
     # execution
@@ -87,10 +95,14 @@ class RunConfig:
     def retrain_settings(self) -> TrainSettings:
         return TrainSettings(epochs=self.retrain_epochs, optimizer="sgd", sgd_lr=self.retrain_lr,
                              schedule=self.schedule, weight_decay=self.weight_decay,
-                             label_smoothing=self.label_smoothing, patience=0)
+                             label_smoothing=self.label_smoothing, patience=0,
+                             distill_weight=self.distill_weight, distill_temperature=self.distill_temperature)
 
     def prune_settings(self) -> PruneSettings:
-        return PruneSettings(self.target_macs, self.prune_steps, self.scope, self.max_layer_ratio, self.round_to)
+        from .sensitivity import load_layer_caps
+
+        caps = load_layer_caps(Path(self.layer_caps)) if self.layer_caps else {}
+        return PruneSettings(self.target_macs, self.prune_steps, self.scope, self.max_layer_ratio, self.round_to, caps)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -110,6 +122,10 @@ class RunConfig:
             (0.0 < self.parity_tolerance, "--parity-tolerance must be > 0"),
             (17 <= self.opset, "--opset must be >= 17"),
             (self.latency_batch >= 1, "--latency-batch must be >= 1"),
+            (self.target_speedup is None or self.target_speedup > 1.0, "--target-speedup must be > 1"),
+            (self.latency_backend in LATENCY_BACKENDS, f"--latency-backend must be one of {', '.join(LATENCY_BACKENDS)}"),
+            (0.0 <= self.distill_weight <= 1.0, "--distill-weight must be in [0, 1]"),
+            (self.distill_temperature > 0, "--distill-temperature must be > 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -169,6 +185,8 @@ def resolve_config(cli_options: dict[str, Any], config_file: Path | None) -> Run
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Options (other than execution-only ones) whose values differ between two runs."""
+    """Options (other than execution-only ones) whose values differ between two runs. An
+    option missing from an older manifest counts as its default."""
+    defaults = RunConfig().to_dict()
     keys = (set(old) | set(new)) - set(EXECUTION_ONLY)
-    return sorted(k for k in keys if old.get(k) != new.get(k))
+    return sorted(k for k in keys if old.get(k, defaults.get(k)) != new.get(k, defaults.get(k)))

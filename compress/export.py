@@ -49,6 +49,40 @@ def export_onnx(model: nn.Module, path: Path, *, input_size: int, metadata: dict
     atomic_write_with(path, write)
 
 
+def export_fp16(fp32_path: Path, fp16_path: Path) -> None:
+    """An fp16 copy of an fp32 ONNX file (onnxconverter-common) whose inputs and outputs stay
+    fp32, so callers feed and read it exactly like the fp32 one."""
+    import warnings
+
+    from onnxconverter_common import float16
+
+    proto = onnx.load(str(fp32_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "float32 number ... will be truncated": expected for fp16
+        half = float16.convert_float_to_float16(proto, keep_io_types=True)
+    onnx.checker.check_model(half)
+    atomic_write_with(fp16_path, lambda tmp: onnx.save(half, str(tmp)))
+
+
+def compare_sessions(reference: Path, candidate: Path, batches: Iterable[torch.Tensor],
+                     max_images: int = 512) -> dict[str, float]:
+    """Max |logit difference| and top-1 agreement of two ONNX files on the same images
+    (fp16 against fp32: a quality figure, not a pass/fail parity)."""
+    first = make_session(reference, "cpu", threads=min(4, os.cpu_count() or 1))
+    second = make_session(candidate, "cpu", threads=min(4, os.cpu_count() or 1))
+    max_diff, agree, seen = 0.0, 0, 0
+    for images in batches:
+        x = images[: max_images - seen].numpy().astype(np.float32)
+        if len(x) == 0:
+            break
+        a = first.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+        b = second.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+        max_diff = max(max_diff, float(np.abs(a - b).max()))
+        agree += int((a.argmax(1) == b.argmax(1)).sum())
+        seen += len(x)
+    return {"max_abs_diff": max_diff, "top1_agreement": agree / max(seen, 1), "images": seen}
+
+
 def read_metadata(path: Path) -> dict[str, Any]:
     """The metadata props of an ONNX file, JSON values decoded."""
     proto = onnx.load(str(path), load_external_data=False)

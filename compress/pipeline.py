@@ -231,10 +231,11 @@ def prune_step(run: Run, step: int) -> None:
                                extra={"step": step, "prune": prune_info})
     train_loader, val_loader = run.loaders()
     accuracy_before = evaluate(model.to(run.device), val_loader, run.device)
+    teacher = run.load_step_model(0) if config.distill_weight > 0 else None
     started = time.perf_counter()
     result = fit(model, train_loader, val_loader, config.retrain_settings(), device=run.device,
                  state_path=folder / "train_state.pt", label=f"retrain step {step}",
-                 class_weight=run.class_weight(), seed=config.seed + step)
+                 class_weight=run.class_weight(), teacher=teacher, seed=config.seed + step)
     _record_step(run, step, model.cpu(), result.best_accuracy, {
         "source": "prune", "prune": prune_info, "accuracy_before_retrain": accuracy_before,
         "retrain": {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "history": result.history,
@@ -245,11 +246,59 @@ def prune_step(run: Run, step: int) -> None:
                   f"{accuracy_before:.4f} after pruning -> {result.best_accuracy:.4f} after retraining")
 
 
-def prune(run: Run) -> None:
+def prune(run: Run, *, export_each: bool = False) -> None:
+    """Stage 2: the pruning steps. With ``--target-speedup`` each step is exported and its
+    speed-up measured right away, and pruning stops at the first step that reaches it."""
     if run.step_entry(0) is None:
         raise UsageError(f"{run.run_dir} has no fine-tuned model yet (step 0); run `compress finetune` first")
+    steering = run.config.target_speedup is not None
+    if steering:
+        export_step(run, 0)
     for step in range(1, run.config.prune_steps + 1):
+        if steering and _speedup_reached(run):
+            break
         prune_step(run, step)
+        if export_each or steering:
+            export_step(run, step)
+        if steering:
+            _measure_speedup(run, step)
+    if steering:
+        reached = _speedup_reached(run)
+        best = max((s["speedup_measured"]["speedup"] for s in run.manifest["steps"] if s.get("speedup_measured")), default=1.0)
+        run.manifest["stages"]["target_speedup"] = {
+            "target": run.config.target_speedup, "backend": run.config.latency_backend, "batch": run.config.latency_batch,
+            "reached_at_step": reached, "best_speedup": best}
+        run.save()
+        if reached is None:
+            console.print(f"[yellow]target speed-up {run.config.target_speedup}x not reached: best {best:.2f}x within "
+                          f"--target-macs {run.config.target_macs} and --prune-steps {run.config.prune_steps}[/]")
+
+
+def _speedup_reached(run: Run) -> int | None:
+    for entry in run.manifest["steps"]:
+        measured = entry.get("speedup_measured")
+        if measured and measured["speedup"] >= run.config.target_speedup:
+            return entry["step"]
+    return None
+
+
+def _measure_speedup(run: Run, step: int) -> None:
+    """Step ``step`` against step 0 on the steering backend, interleaved, recorded in its entry."""
+    from bench.backends import BackendUnavailable
+    from bench.speedup import measure_step_speedup
+
+    entry = run.step_entry(step)
+    if entry.get("speedup_measured"):
+        return
+    try:
+        measured = measure_step_speedup(run.run_dir, run.manifest, step, backend=run.config.latency_backend,
+                                        batch=run.config.latency_batch)
+    except BackendUnavailable as exc:
+        raise UsageError(f"--latency-backend {run.config.latency_backend}: {exc}") from None
+    entry["speedup_measured"] = measured
+    run.put_step(entry)
+    console.print(f"step {step}: measured {measured['speedup']:.2f}x faster than step 0 on {measured['backend']} "
+                  f"batch {measured['batch']} (target {run.config.target_speedup}x)")
 
 
 def export_step(run: Run, step: int) -> None:
@@ -258,6 +307,8 @@ def export_step(run: Run, step: int) -> None:
     if entry is None:
         raise UsageError(f"step {step} is not finished; nothing to export")
     if entry.get("onnx") and entry.get("parity") and (run.run_dir / entry["onnx"]).exists():
+        if run.config.export_fp16 and not entry.get("onnx_fp16"):
+            _export_step_fp16(run, entry)
         return
     model = run.load_step_model(step)
     path = step_dir(run.run_dir, step) / "model.onnx"
@@ -273,6 +324,20 @@ def export_step(run: Run, step: int) -> None:
     run.put_step(entry)
     console.print(f"step {step}: ONNX exported, parity max |diff| {parity['max_abs_diff']:.2e}, "
                   f"top-1 agreement {parity['top1_agreement']:.4f}")
+    if run.config.export_fp16:
+        _export_step_fp16(run, entry)
+
+
+def _export_step_fp16(run: Run, entry: dict[str, Any]) -> None:
+    """The fp16 twin of a step's ONNX file, with its agreement with fp32 on validation images."""
+    path = step_dir(run.run_dir, entry["step"]) / "model_fp16.onnx"
+    onnx_export.export_fp16(run.run_dir / entry["onnx"], path)
+    _, val_loader = run.loaders()
+    agreement = onnx_export.compare_sessions(run.run_dir / entry["onnx"], path, (x for x, _ in val_loader))
+    entry.update({"onnx_fp16": relative(run.run_dir, path), "onnx_fp16_bytes": path.stat().st_size,
+                  "fp16": agreement})
+    run.put_step(entry)
+    console.print(f"step {entry['step']}: fp16 ONNX, top-1 agreement with fp32 {agreement['top1_agreement']:.4f}")
 
 
 def export(run: Run) -> None:
@@ -299,12 +364,36 @@ def report(run: Run, *, redo: bool = False) -> dict[str, Any]:
     return summary
 
 
+def sensitivity(run: Run, *, step: int = 0, ratios: tuple[float, ...] | None = None,
+                tolerance: float = 0.02) -> dict[str, Any]:
+    """Per-group pruning sensitivity of a finished step (``compress sensitivity``)."""
+    from rich.progress import Progress
+
+    from . import sensitivity as sens
+
+    model = run.load_step_model(step)
+    _, val_loader = run.loaders()
+    ratios = ratios or sens.DEFAULT_RATIOS
+    groups = sens.prunable_groups(model, run.preprocessing.input_size, run.config.scope)
+    with Progress(console=console) as progress:
+        task = progress.add_task(f"sensitivity of step {step}", total=len(groups) * len(ratios))
+        result = sens.analyse(model, val_loader, run.device, run.preprocessing.input_size, ratios=ratios,
+                              scope=run.config.scope, progress=lambda: progress.advance(task))
+    caps = sens.layer_caps(result, tolerance)
+    folder = run.run_dir / "sensitivity"
+    sens.write_outputs(folder, {**result, "step": step}, caps, tolerance)
+    run.manifest["stages"]["sensitivity"] = {"step": step, "tolerance": tolerance, "folder": "sensitivity",
+                                             "layer_caps": "sensitivity/layer_caps.yaml"}
+    run.save()
+    sensitive = [name for name, cap in caps.items() if cap == 0.0]
+    console.print(f"{len(groups)} groups; sensitive (not to prune at tolerance {tolerance}): {', '.join(sensitive) or 'none'}")
+    return caps
+
+
 def run_all(run: Run) -> dict[str, Any]:
     """``compress run``: every stage, exporting each step as soon as it is trained."""
     finetune(run)
     export_step(run, 0)
-    for step in range(1, run.config.prune_steps + 1):
-        prune_step(run, step)
-        export_step(run, step)
+    prune(run, export_each=True)
     return report(run)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,16 +25,18 @@ from torch import nn
 from .errors import UsageError
 from .models import classifier, example_input
 
-SCOPES = ("global", "uniform")
+SCOPES = ("global", "uniform", "block")
 
 
 @dataclass(frozen=True)
 class PruneSettings:
     target_macs: float = 0.4  # fraction of step 0's MACs the last step keeps
     steps: int = 3
-    scope: str = "global"  # global: rank all filters together; uniform: the same ratio in every layer
+    scope: str = "global"  # global: rank all filters together; uniform: the same ratio in every layer;
+    # block: only the inner convs of each residual block (Li et al.), ranked together
     max_layer_ratio: float = 0.75  # no layer loses more than this fraction of its step-0 filters
     round_to: int = 8
+    layer_caps: dict[str, float] = field(default_factory=dict)  # per group root conv, from `compress sensitivity`
 
 
 def count_macs_params(model: nn.Module, input_size: int) -> tuple[int, int]:
@@ -52,12 +54,37 @@ def step_targets(base_macs: int, settings: PruneSettings) -> list[int]:
     return [int(base_macs * settings.target_macs ** (k / settings.steps)) for k in range(1, settings.steps + 1)]
 
 
-def _floor_width(initial: int, settings: PruneSettings) -> int:
+def _floor_width(name: str, initial: int, settings: PruneSettings) -> int:
     """The fewest output channels a layer may keep: (1 - cap) of its step-0 width, rounded up
-    to ``round_to`` (but never above its initial width)."""
-    keep = initial * (1.0 - settings.max_layer_ratio)
+    to ``round_to`` (but never above its initial width). The cap is the layer's own from
+    ``layer_caps`` (0 = do not prune) or ``max_layer_ratio``."""
+    cap = min(settings.layer_caps.get(name, settings.max_layer_ratio), settings.max_layer_ratio)
+    keep = initial * (1.0 - cap)
     rounded = math.ceil(keep / settings.round_to) * settings.round_to if settings.round_to > 1 else math.ceil(keep)
     return max(1, min(initial, rounded))
+
+
+def block_inner_convs(model: nn.Module) -> list[nn.Conv2d]:
+    """Convs whose output stays inside a residual block (a BasicBlock's conv1, a Bottleneck's
+    conv1 and conv2): pruning them changes no shape on the residual path."""
+    inner: list[nn.Conv2d] = []
+    for module in model.modules():
+        if isinstance(getattr(module, "conv2", None), nn.Conv2d) and isinstance(getattr(module, "conv1", None), nn.Conv2d) \
+                and hasattr(module, "bn2"):
+            inner.append(module.conv1)
+            if isinstance(getattr(module, "conv3", None), nn.Conv2d):
+                inner.append(module.conv2)
+    return inner
+
+
+def ignored_layers(model: nn.Module, scope: str) -> list[nn.Module]:
+    """What the pruner must leave alone: always the classifier; in ``block`` scope also every
+    conv on the residual path."""
+    ignored: list[nn.Module] = [classifier(model)]
+    if scope == "block":
+        inner = set(block_inner_convs(model))
+        ignored += [m for m in model.modules() if isinstance(m, nn.Conv2d) and m not in inner]
+    return ignored
 
 
 def _prune_once(model: nn.Module, ratio: float, settings: PruneSettings, initial_widths: dict[str, int],
@@ -68,8 +95,8 @@ def _prune_once(model: nn.Module, ratio: float, settings: PruneSettings, initial
     importance = tp.importance.MagnitudeImportance(p=1)
     pruner = tp.pruner.MetaPruner(
         model, example_input(input_size, device=next(model.parameters()).device), importance=importance,
-        global_pruning=settings.scope == "global", pruning_ratio=ratio, iterative_steps=1,
-        ignored_layers=[classifier(model)],  # widths are rounded below, after the per-layer cap
+        global_pruning=settings.scope in ("global", "block"), pruning_ratio=ratio, iterative_steps=1,
+        ignored_layers=ignored_layers(model, settings.scope),  # widths are rounded below, after the per-layer cap
     )
     graph = pruner.DG
     names = {module: name for name, module in model.named_modules()}
@@ -80,7 +107,7 @@ def _prune_once(model: nn.Module, ratio: float, settings: PruneSettings, initial
             group.prune()
             continue
         current = root.out_channels
-        floor = _floor_width(initial_widths.get(names[root], current), settings)
+        floor = _floor_width(names[root], initial_widths.get(names[root], current), settings)
         n_pruned = min(len(group[0].idxs), max(0, current - floor))
         if settings.round_to > 1 and n_pruned:
             # round the kept width *up* to a multiple of round_to: never below the floor

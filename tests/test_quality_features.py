@@ -1,0 +1,87 @@
+"""Sensitivity analysis and layer caps, block-internal pruning, distillation, fp16 export and
+pruning steered by a measured speed-up."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from compress.cli import main
+from compress.models import build_model
+from compress.pruning import (PruneSettings, block_inner_convs, conv_out_widths, count_macs_params, prune_to_macs,
+                              step_targets)
+
+from conftest import TINY_OPTIONS
+
+
+def test_sensitivity_writes_curves_and_caps(tiny_run: Path) -> None:
+    main(["sensitivity", str(tiny_run), "--ratios", "0.25,0.5,0.75", "--tolerance", "0.5"])
+    folder = tiny_run / "sensitivity"
+    rows = (folder / "sensitivity.csv").read_text().splitlines()
+    result = json.loads((folder / "sensitivity.json").read_text())
+    assert rows[0] == "layer,ratio,accuracy,drop"
+    assert len(rows) - 1 == 3 * len(result["groups"]) and len(result["groups"]) >= 5
+    caps = yaml.safe_load((folder / "layer_caps.yaml").read_text())
+    assert set(caps) == set(result["groups"]) and all(c in (0.0, 0.25, 0.5, 0.75) for c in caps.values())
+    with Image.open(folder / "sensitivity.png") as image:
+        assert image.format == "PNG"
+
+
+def test_layer_caps_keep_sensitive_layers_whole() -> None:
+    model = build_model("resnet20", 3).eval()
+    caps = {"conv1": 0.0, "layer2.0.downsample.0": 0.0}
+    settings = PruneSettings(target_macs=0.7, steps=1, layer_caps=caps)
+    base, _ = count_macs_params(model, 32)
+    before = conv_out_widths(model)
+    pruned, _ = prune_to_macs(model, step_targets(base, settings)[0], settings, before, 32)
+    after = conv_out_widths(pruned)
+    assert after["conv1"] == before["conv1"] and after["layer2.0.downsample.0"] == before["layer2.0.downsample.0"]
+    assert count_macs_params(pruned, 32)[0] <= 0.7 * base
+
+
+def test_block_scope_prunes_only_inner_convs() -> None:
+    model = build_model("resnet18", 4).eval()
+    settings = PruneSettings(target_macs=0.6, steps=1, scope="block")
+    base, _ = count_macs_params(model, 32)
+    before = conv_out_widths(model)
+    pruned, _ = prune_to_macs(model, step_targets(base, settings)[0], settings, before, 32)
+    after = conv_out_widths(pruned)
+    inner = {name for name, m in model.named_modules() if m in set(block_inner_convs(model))}
+    changed = {name for name in before if before[name] != after[name]}
+    assert changed and changed <= inner
+    assert count_macs_params(pruned, 32)[0] <= 0.6 * base
+
+
+def test_run_with_block_scope_distillation_fp16_and_target_speedup(tmp_path: Path, tiny_data: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steering by speed-up stops at the first step that reaches it (the measurement is
+    replaced by fixed figures here: timing is not what this test is about)."""
+    import bench.speedup
+
+    figures = {1: 1.2, 2: 1.6, 3: 3.0}
+    calls: list[int] = []
+
+    def fake_measure(run_dir, manifest, step, *, backend, batch, **_):
+        calls.append(step)
+        return {"backend": backend, "device": "CPUExecutionProvider", "batch": batch, "speedup": figures[step],
+                "speedup_band": [figures[step], figures[step]], "step0_p50_ms": 1.0, "p50_ms": 1 / figures[step]}
+
+    monkeypatch.setattr(bench.speedup, "measure_step_speedup", fake_measure)
+    out = tmp_path / "run"
+    options = list(TINY_OPTIONS)
+    options[options.index("--prune-steps") + 1] = "3"
+    options[options.index("--target-macs") + 1] = "0.3"
+    main(["run", "--data", str(tiny_data), "--out", str(out), *options, "--scope", "block", "--distill-weight", "0.5",
+          "--export-fp16", "--target-speedup", "1.5", "--latency-batch", "4"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert calls == [1, 2]
+    assert [s["step"] for s in manifest["steps"]] == [0, 1, 2]
+    assert manifest["stages"]["target_speedup"]["reached_at_step"] == 2
+    for step in manifest["steps"]:
+        assert (out / step["onnx_fp16"]).is_file()
+        assert step["fp16"]["top1_agreement"] >= 0.9
+    report = (out / "report.md").read_text()
+    assert "| ort-cpu | fp16 |" in report
