@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,12 +201,17 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, sett
             freeze_backbone(model, frozen)
             task = progress.add_task(f"{label} {epoch + 1}/{settings.epochs} {phase}", total=len(train_loader),
                                      loss=0.0, acc=0.0, note="head only" if frozen else "")
+            epoch_started = time.perf_counter()
             train_loss, train_acc = train_one_epoch(model, train_loader, optimizer, criterion, device, scaler,
                                                     settings, teacher, progress, task)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            images_per_second = len(train_loader.sampler) / max(time.perf_counter() - epoch_started, 1e-9)
             scheduler.step()
             accuracy = evaluate(model, val_loader, device)
             history.append({"epoch": epoch, "phase": phase, "lr": optimizer.param_groups[0]["lr"],
-                            "train_loss": train_loss, "train_accuracy": train_acc, "val_accuracy": accuracy})
+                            "train_loss": train_loss, "train_accuracy": train_acc, "val_accuracy": accuracy,
+                            "train_images_per_second": round(images_per_second, 1)})
             if accuracy > best_accuracy:
                 best_accuracy, best_epoch, since_best = accuracy, epoch, 0
                 best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
