@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -236,5 +236,3 @@ def freeze_backbone(model: nn.Module, frozen: bool) -> None:
     for parameter in model.parameters():
         parameter.requires_grad = (not frozen) or id(parameter) in head
 
-
-ModelFactory = Callable[[], nn.Module]
