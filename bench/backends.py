@@ -5,16 +5,20 @@
 - ``ort-cuda``: ONNX Runtime CUDA provider with IO binding (input already on the GPU, output
   kept there), so the time is the model's, not PCIe copies'. If the CUDA provider does not
   load, the backend is reported as unavailable: CPU numbers are never reported as CUDA.
-- ``torch``: the PyTorch checkpoint, eager, on CUDA when available else CPU."""
+- ``torch``: the PyTorch checkpoint, eager, on CUDA when available else CPU; ``torch-cpu`` and
+  ``torch-cuda`` pin the device (``torch-cuda`` is unavailable, not silently CPU, without CUDA)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-BACKENDS = ("ort-cpu", "ort-cuda", "torch")
+from compress.errors import UsageError
+
+BACKENDS = ("ort-cpu", "ort-cuda", "torch", "torch-cpu", "torch-cuda")
+ONNX_BACKENDS = ("ort-cpu", "ort-cuda")
 
 
 class BackendUnavailable(RuntimeError):
@@ -37,16 +41,22 @@ def _ort(path: Path, provider: str, threads: int | None) -> Prepared:
 
     if provider == "cuda":
         _preload_cuda_libraries()
-    session = make_session(path, provider, threads=threads, spinning=False)
+    try:
+        session = make_session(path, provider, threads=threads, spinning=False)
+    except Exception as exc:  # onnxruntime's own exception types: a model this provider cannot run
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BackendUnavailable(f"ONNX Runtime cannot load {path.name} on {provider}: {first}") from None
     used = session.get_providers()[0]
+    # an fp16 export may keep float16 inputs: feed what the model declares
+    dtype = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
     if provider == "cuda" and used != "CUDAExecutionProvider":
         raise BackendUnavailable(f"ONNX Runtime's CUDA provider did not load (session runs on {used})")
 
     def predict(images: np.ndarray) -> np.ndarray:
-        return session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(images, dtype=np.float32)})[0]
+        return session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(images, dtype=dtype)})[0].astype(np.float32)
 
     def make_timed(images: np.ndarray) -> Callable[[], object]:
-        images = np.ascontiguousarray(images, dtype=np.float32)
+        images = np.ascontiguousarray(images, dtype=dtype)
         if provider != "cuda":
             return lambda: session.run([OUTPUT_NAME], {INPUT_NAME: images})
         import onnxruntime as ort
@@ -63,7 +73,9 @@ def _ort(path: Path, provider: str, threads: int | None) -> Prepared:
 
         return run
 
-    return Prepared(f"ort-{provider}", used, predict, make_timed, {"providers": session.get_providers()})
+    return Prepared(f"ort-{provider}", used, predict, make_timed,
+                    {"providers": session.get_providers(), "input_type": session.get_inputs()[0].type,
+                     "intra_op_threads": threads})
 
 
 def _preload_cuda_libraries() -> None:
@@ -81,14 +93,17 @@ def _preload_cuda_libraries() -> None:
             pass
 
 
-def _torch(checkpoint: Path, threads: int | None) -> Prepared:
+def _torch(checkpoint: Path, threads: int | None, want: str) -> Prepared:
+    """``want``: "auto" (CUDA when available), "cpu" or "cuda"."""
     import torch
 
     from compress.models import load_checkpoint
 
-    model, _ = load_checkpoint(checkpoint)
-    cuda = torch.cuda.is_available()
+    if want == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailable("no CUDA device (torch.cuda.is_available() is False)")
+    cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if cuda else "cpu")
+    model, _ = load_checkpoint(checkpoint)
     if threads and not cuda:
         torch.set_num_threads(threads)
     model = model.to(device).eval()
@@ -109,7 +124,23 @@ def _torch(checkpoint: Path, threads: int | None) -> Prepared:
 
         return run
 
-    return Prepared("torch", f"torch:{device.type}", predict, make_timed)
+    name = "torch" if want == "auto" else f"torch-{want}"
+    return Prepared(name, f"torch:{device.type}", predict, make_timed,
+                    {"threads": torch.get_num_threads() if not cuda else None})
+
+
+def check_options(backends: Sequence[str], batch_sizes: Sequence[int], threads: int | None) -> None:
+    """Reject bad options of a models benchmark before anything heavy is imported or loaded
+    (a usage error, exit code 2)."""
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise UsageError(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
+    if not backends:
+        raise UsageError("no backend given; choose from " + ", ".join(BACKENDS))
+    if not batch_sizes or any(b < 1 for b in batch_sizes):
+        raise UsageError("batch sizes must be integers >= 1")
+    if threads is not None and threads < 1:
+        raise UsageError("--threads must be >= 1")
 
 
 def prepare(backend: str, *, onnx_path: Path | None, checkpoint: Path | None, threads: int | None) -> Prepared:
@@ -118,8 +149,8 @@ def prepare(backend: str, *, onnx_path: Path | None, checkpoint: Path | None, th
         return _ort(onnx_path, "cpu", threads)
     if backend == "ort-cuda":
         return _ort(onnx_path, "cuda", threads)
-    if backend == "torch":
+    if backend in ("torch", "torch-cpu", "torch-cuda"):
         if checkpoint is None or not checkpoint.exists():
             raise BackendUnavailable("no PyTorch checkpoint for this model")
-        return _torch(checkpoint, threads)
+        return _torch(checkpoint, threads, backend.partition("-")[2] or "auto")
     raise ValueError(f"unknown backend {backend}")

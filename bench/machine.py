@@ -38,6 +38,15 @@ def gpu_info() -> dict[str, Any] | None:
     return info
 
 
+def load_average() -> list[float] | None:
+    """1, 5 and 15-minute load averages: a load near or above the core count while measuring
+    means other programs competed for the CPU, and the absolute figures are pessimistic."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def machine_info(threads: int | None = None) -> dict[str, Any]:
     from compress.pipeline import library_versions
 
@@ -53,5 +62,6 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
         "usable_cores": affinity,
         "threads": threads,
         "gpu": gpu_info(),
+        "load_average": load_average(),
         "versions": library_versions(),
     }

@@ -11,13 +11,20 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 Timer = Callable[[], float]
 # A relative spread (p90 - p10) / p50 above this marks a measurement as noisy in reports.
 NOISY_SPREAD = 0.25
+# A speed-up whose per-round band (p90 - p10 of the ratios) is wider than this fraction of the
+# speed-up itself is flagged too: the ratio moved a lot from round to round.
+NOISY_SPEEDUP_BAND = 0.25
+# Most consecutive calls of one model in an interleaved round.
+MAX_PER_ROUND = 200
+# Fewer samples than this make p95/p99 little more than the maximum: flagged in reports.
+FEW_SAMPLES = 20
 
 
 @dataclass(frozen=True)
@@ -74,17 +81,52 @@ def time_calls(run: Callable[[], object], repeats: int, timer: Timer = time.perf
     return samples
 
 
-def interleaved(runners: Mapping[str, Callable[[], object]], *, warmup: int = 5, rounds: int = 20,
-                per_round: int = 5, min_seconds: float = 0.0, max_seconds: float = 60.0,
-                timer: Timer = time.perf_counter) -> dict[str, list[float]]:
-    """Time several runners in alternation: each round times ``per_round`` calls of every
-    runner in turn. Goes on past ``rounds`` until ``min_seconds`` have passed (so fast models
-    get enough samples) and stops early at ``max_seconds`` (so slow ones stay bounded), but
-    always completes whole rounds so every runner has the same number of samples."""
+@dataclass(frozen=True)
+class Interleaved:
+    """Samples of runners timed in alternation; ``per_round`` is the number of consecutive calls
+    of one runner in a round (the chunk that per-round speed-ups are computed over)."""
+
+    samples: dict[Any, list[float]]
+    per_round: int
+    rounds: int
+    seconds: float
+
+
+def interleaved(runners: Mapping[Any, Callable[[], object]], *, warmup: int = 5, rounds: int = 20,
+                per_round: int | None = None, chunk_seconds: float = 0.1, min_seconds: float = 0.0,
+                max_seconds: float = 60.0, timer: Timer = time.perf_counter) -> Interleaved:
+    """Time several runners in alternation: each round times ``per_round`` consecutive calls of
+    every runner in turn. Goes on past ``rounds`` until ``min_seconds`` have passed (so fast
+    models get enough samples) and stops early at ``max_seconds`` (so slow ones stay bounded),
+    but always completes whole rounds so every runner has the same number of samples.
+
+    ``per_round`` defaults to about ``chunk_seconds`` of calls (at most ``MAX_PER_ROUND``): the
+    first calls after switching models run with cold caches, and with chunks of a few calls a
+    small model would be timed mostly cold, which a service running one model never is
+    (measured on the digits run: 5-call chunks gave 2.2x for a speed-up that 100 ms chunks and
+    separate processes both put near 2.6x). 0.1 s chunks are still short against machine drift.
+    Rounds are shrunk (down to one call per runner) when ``rounds`` rounds would not fit in
+    ``max_seconds``. Warm-up calls are never in the samples; they size the rounds, and a slow
+    model's warm-up stops after a tenth of ``max_seconds`` (at least two calls: the first one
+    allocates)."""
+    warm_budget = max_seconds / 10 / max(len(runners), 1)
+    call_seconds = 0.0
     for run in runners.values():
-        for _ in range(warmup):
+        spent, last = 0.0, 0.0
+        for index in range(max(warmup, 1)):
+            start = timer()
             run()
-    samples: dict[str, list[float]] = {name: [] for name in runners}
+            last = timer() - start
+            spent += last
+            if index >= 1 and spent >= warm_budget:
+                break
+        call_seconds += last
+    if per_round is None:
+        mean_call = call_seconds / max(len(runners), 1)
+        per_round = max(1, min(MAX_PER_ROUND, int(chunk_seconds / mean_call))) if mean_call > 0 else MAX_PER_ROUND
+    if call_seconds > 0 and rounds > 0:
+        per_round = max(1, min(per_round, int(max_seconds / rounds / call_seconds)))
+    samples: dict[Any, list[float]] = {name: [] for name in runners}
     started = timer()
     done = 0
     while True:
@@ -96,7 +138,7 @@ def interleaved(runners: Mapping[str, Callable[[], object]], *, warmup: int = 5,
             break
         if elapsed >= max_seconds and done >= 2:
             break
-    return samples
+    return Interleaved(samples, per_round, done, elapsed)
 
 
 def speedup(base: LatencyStats, other: LatencyStats) -> float:

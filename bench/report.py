@@ -5,6 +5,7 @@ The same functions write ``compress run``'s closing report (``RUN_DIR/report.md`
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -15,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from compress.rundir import atomic_write_json, atomic_write_text, atomic_write_with  # noqa: E402
 
-from .measure import NOISY_SPREAD  # noqa: E402
+from .measure import FEW_SAMPLES, NOISY_SPREAD  # noqa: E402
 
 RECOMMEND_WITHIN = 0.01  # recommended step: the fastest one within 1 point of step 0's accuracy
 
@@ -84,21 +85,32 @@ def plot_pareto(doc: dict[str, Any], path: Path, *, backend: str, batch: int, pr
 
 
 def plot_throughput(doc: dict[str, Any], path: Path) -> None:
-    """Throughput vs batch size, one line per (backend, precision, step)."""
+    """Throughput vs batch size: one panel per (backend, precision), one line per step, so the
+    batch size where a backend saturates is visible and steps are compared on equal terms."""
+    groups = sorted({(r["backend"], r["precision"]) for r in doc["results"]})
+
     def draw(tmp: Path) -> None:
-        fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
-        keys = sorted({(r["backend"], r["precision"], r["step"]) for r in doc["results"]})
-        for backend, precision, step in keys:
-            rows = sorted(select(doc["results"], backend=backend, precision=precision, step=step), key=lambda r: r["batch"])
-            ax.plot([r["batch"] for r in rows], [r["latency"]["throughput"] for r in rows], marker="o",
-                    label=f"{backend} {precision} step {step}")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("batch size")
-        ax.set_ylabel("images / s (at median latency)")
-        ax.set_title("Throughput vs batch size")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, ncol=2)
+        fig, axes = plt.subplots(1, max(len(groups), 1), figsize=(4.6 * max(len(groups), 1), 4.2), dpi=110,
+                                 squeeze=False, sharey=False)
+        for ax, (backend, precision) in zip(axes[0], groups):
+            for step in sorted({r["step"] for r in select(doc["results"], backend=backend, precision=precision)}):
+                rows = sorted(select(doc["results"], backend=backend, precision=precision, step=step),
+                              key=lambda r: r["batch"])
+                ax.plot([r["batch"] for r in rows], [r["latency"]["throughput"] for r in rows], marker="o",
+                        label=f"step {step}")
+            device = next(r["device"] for r in select(doc["results"], backend=backend, precision=precision))
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            batches = sorted({r["batch"] for r in select(doc["results"], backend=backend, precision=precision)})
+            ax.set_xticks(batches, [str(b) for b in batches])
+            ax.set_xlabel("batch size")
+            ax.set_title(f"{backend} {precision} ({device})", fontsize=9)
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=7)
+        axes[0][0].set_ylabel("images / s (at median latency)")
+        if not groups:
+            axes[0][0].text(0.5, 0.5, "no measurements", ha="center", va="center", transform=axes[0][0].transAxes)
+        fig.suptitle("Throughput vs batch size")
         fig.tight_layout()
         fig.savefig(tmp, format="png")
         plt.close(fig)
@@ -136,8 +148,10 @@ def plot_speedup_vs_macs(doc: dict[str, Any], path: Path) -> None:
 def _fmt_speedup(row: dict[str, Any]) -> str:
     if "speedup" not in row:
         return "-"
+    if row["step"] == 0:
+        return "1.00x (baseline)"
     low, high = row.get("speedup_band", [None, None])
-    band = f" ({low:.2f}-{high:.2f})" if low == low and low is not None else ""
+    band = f" ({low:.2f}-{high:.2f})" if low is not None and not math.isnan(low) else ""
     return f"{row['speedup']:.2f}x{band}"
 
 
@@ -145,21 +159,34 @@ def machine_markdown(machine: dict[str, Any]) -> str:
     gpu = machine.get("gpu")
     gpu_text = f"{gpu['name']} ({gpu['memory_gib']} GiB, driver {gpu.get('driver')}, CUDA {gpu.get('cuda')})" if gpu else "none"
     versions = ", ".join(f"{k} {v}" for k, v in machine.get("versions", {}).items())
+    load = machine.get("load_average")
+    load_text = f"- Load average at start (1, 5, 15 min): {', '.join(map(str, load))}\n" if load else ""
     return (f"- CPU: {machine['cpu']}, {machine['usable_cores']} usable cores, threads: {machine.get('threads') or 'library default'}\n"
-            f"- GPU: {gpu_text}\n- OS: {machine['os']}\n- Versions: {versions}\n")
+            f"- GPU: {gpu_text}\n- OS: {machine['os']}, host {machine.get('hostname', '?')}\n{load_text}- Versions: {versions}\n")
 
 
-def latency_table(doc: dict[str, Any]) -> str:
+def _notes(row: dict[str, Any]) -> str:
+    lat, notes = row["latency"], []
+    if lat["noisy"]:
+        notes.append(f"noisy (spread {lat['spread']:.0%})")
+    if row.get("speedup_noisy"):
+        notes.append("unstable speed-up")
+    if lat["samples"] < FEW_SAMPLES:
+        notes.append(f"few samples ({lat['samples']})")
+    return "; ".join(notes)
+
+
+def latency_table(doc: dict[str, Any], rows: Sequence[dict[str, Any]] | None = None) -> str:
     """One row per (backend, precision, batch, step) with percentiles, throughput, speed-up."""
     lines = ["| backend | precision | batch | step | runs on | accuracy | p50 ms | p90 ms | p95 ms | p99 ms | mean ms | img/s | speed-up vs step 0 (p10-p90 band) | note |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for row in sorted(doc["results"], key=lambda r: (r["backend"], r["precision"], r["batch"], r["step"])):
+    rows = doc["results"] if rows is None else rows
+    for row in sorted(rows, key=lambda r: (r["backend"], r["precision"], r["batch"], r["step"])):
         lat = row["latency"]
         acc = f"{row['accuracy']:.4f}" if row.get("accuracy") is not None else "-"
-        note = f"noisy (spread {lat['spread']:.0%})" if lat["noisy"] else ""
         lines.append(f"| {row['backend']} | {row['precision']} | {row['batch']} | {row['step']} | {row['device']} | {acc} | "
                      f"{lat['p50_ms']:.3f} | {lat['p90_ms']:.3f} | {lat['p95_ms']:.3f} | {lat['p99_ms']:.3f} | "
-                     f"{lat['mean_ms']:.3f} | {lat['throughput']:.0f} | {_fmt_speedup(row)} | {note} |")
+                     f"{lat['mean_ms']:.3f} | {lat['throughput']:.0f} | {_fmt_speedup(row)} | {_notes(row)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -185,8 +212,201 @@ def load_results(path: Path) -> dict[str, Any]:
 
 def noisy_note() -> str:
     return (f"Latency is timed after warm-up, steps interleaved (A, B, A, B, ...) in one process; the speed-up band is "
-            f"the 10th-90th percentile of per-round ratios. Rows marked noisy have (p90 - p10) / p50 > {NOISY_SPREAD:.0%}.\n")
+            f"the 10th-90th percentile of per-round ratios. Rows marked noisy have (p90 - p10) / p50 > {NOISY_SPREAD:.0%}. "
+            "ONNX Runtime sessions run with intra-op thread spinning off, as the service runs them (idle threads "
+            "sleep instead of busy-waiting): on CPU this adds a wake-up cost per operator, which weighs most on "
+            "the smallest models.\n")
 
 
 def write_text(path: Path, text: str) -> None:
     atomic_write_text(path, text)
+
+
+# --- the full `bench models` report -------------------------------------------------------------
+
+def _slug(*parts: Any) -> str:
+    return "_".join(str(p) for p in parts).replace("/", "-").replace(" ", "-")
+
+
+def _groups(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    """(backend, precision) pairs in the order they were measured."""
+    seen: list[tuple[str, str]] = []
+    for row in doc["results"]:
+        key = (row["backend"], row["precision"])
+        if key not in seen:
+            seen.append(key)
+    return seen
+
+
+def busy_warning(doc: dict[str, Any]) -> str:
+    """A warning when other programs loaded the machine: absolute figures are then pessimistic
+    and noisy, though interleaving keeps the speed-ups meaningful."""
+    machine = doc.get("machine", {})
+    cores = machine.get("usable_cores") or 1
+    loads = [x for x in ((machine.get("load_average") or [None])[0], (doc.get("load_average_end") or [None])[0]) if x is not None]
+    if loads and max(loads) > 0.75 * cores + 0.5:
+        return (f"> **Warning:** the machine was busy while measuring (1-minute load average up to {max(loads):.1f} on "
+                f"{cores} cores): absolute latencies are pessimistic; speed-ups are measured interleaved and hold better.\n\n")
+    return ""
+
+
+def noisy_advice(doc: dict[str, Any]) -> str:
+    """What to do about noisy rows, when there are any."""
+    noisy = [r for r in doc["results"] if r["latency"]["noisy"] or r.get("speedup_noisy")]
+    if not noisy:
+        return ""
+    torch_cpu = any(r["device"] == "torch:cpu" for r in noisy) and not doc["settings"].get("threads")
+    return (f"{len(noisy)} of {len(doc['results'])} rows are noisy: re-run on an idle machine or with a larger "
+            "--max-seconds" + ("; PyTorch on CPU uses one OpenMP thread per core, and those threads stall when other "
+                               "programs share the cores: --threads 1 gives steadier figures." if torch_cpu else ".")
+            + "\n")
+
+
+def summary_table(doc: dict[str, Any]) -> str:
+    """Per (backend, precision, batch): the last step's speed-up, and the recommended step."""
+    last = max(s["step"] for s in doc["steps"])
+    macs_ratio = {s["step"]: s["macs_ratio"] for s in doc["steps"]}
+    lines = [f"| backend | precision | batch | step 0 p50 ms | step {last} p50 ms | step {last} speed-up "
+             f"(MACs: {1 / macs_ratio[last]:.2f}x fewer) | recommended step |", "|---|---|---|---|---|---|---|"]
+    for backend, precision in _groups(doc):
+        for batch in doc["settings"]["batch_sizes"]:
+            rows = {r["step"]: r for r in select(doc["results"], backend=backend, precision=precision, batch=batch)}
+            if 0 not in rows or last not in rows:
+                continue
+            lines.append(f"| {backend} | {precision} | {batch} | {rows[0]['latency']['p50_ms']:.3f} | "
+                         f"{rows[last]['latency']['p50_ms']:.3f} | {_fmt_speedup(rows[last])} | "
+                         f"{recommend_step(doc, backend, batch, precision)} |")
+    return "\n".join(lines) + "\n"
+
+
+def hints_table(doc: dict[str, Any]) -> str:
+    lines = ["| step | conv layers | not multiples of 8 | layers (in -> out channels) |", "|---|---|---|---|"]
+    for step in doc["steps"]:
+        hints = step.get("hints") or {"convs": 0, "unaligned": []}
+        names = ", ".join(f"{h['layer']} ({h['in']} -> {h['out']})" for h in hints["unaligned"]) or "none"
+        lines.append(f"| {step['step']} | {hints['convs']} | {len(hints['unaligned'])} | {names} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_models_report(doc: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """``results.json``, ``report.md`` and the PNG plots of one ``bench models`` run."""
+    out_dir = Path(out_dir)
+    files = {"results": out_dir / "results.json", "report": out_dir / "report.md"}
+    write_json(doc, files["results"])
+    groups = _groups(doc)
+    first_batch = min(doc["settings"]["batch_sizes"])
+    for backend, precision in groups:
+        name = f"pareto_{_slug(backend, precision)}"
+        files[name] = out_dir / f"{name}.png"
+        plot_pareto(doc, files[name], backend=backend, batch=first_batch, precision=precision)
+    if groups:
+        files["throughput"] = out_dir / "throughput.png"
+        plot_throughput(doc, files["throughput"])
+        files["speedup_vs_macs"] = out_dir / "speedup_vs_macs.png"
+        plot_speedup_vs_macs(doc, files["speedup_vs_macs"])
+    source = doc.get("dataset", {}).get("source") or "its data"
+    parts = [f"# Benchmark of {doc['run_dir']} ({doc.get('arch') or 'model'} on {source}, "
+             f"{doc.get('input_size') or '?'} px)", "", f"Measured {doc['created']} in {doc['seconds']:.0f} s.", "",
+             busy_warning(doc)]
+    if doc["skipped"]:
+        parts += ["Skipped (not measured, nothing is reported in their place):", ""]
+        parts += [f"- {s['backend']} {s['precision']}: {s['reason']}" for s in doc["skipped"]] + [""]
+    if groups:
+        parts += ["## Summary", "", f"Recommended step: the fastest within {RECOMMEND_WITHIN * 100:.0f} point of step 0's "
+                  "accuracy (measured through that backend).", "", summary_table(doc)]
+        parts += [f"![accuracy vs latency, {b} {p}](pareto_{_slug(b, p)}.png)" for b, p in groups]
+        parts += ["", "![throughput vs batch size](throughput.png)", "",
+                  "![measured speed-up vs MAC reduction](speedup_vs_macs.png)", ""]
+    parts += ["## Steps", "", steps_table(doc)]
+    for backend, precision in groups:
+        parts += [f"## Latency: {backend} {precision}", "",
+                  latency_table(doc, select(doc["results"], backend=backend, precision=precision))]
+    parts += [noisy_note(), noisy_advice(doc), "", "## Hardware hints", "",
+              "Conv layers whose channel counts are not multiples of 8 are tensor-core unfriendly on GPUs (cuDNN pads "
+              "them or picks slower kernels); prune with `round_to=8` to avoid them. The image input's 3 channels are "
+              "exempt.", "", hints_table(doc), "## Machine", "", machine_markdown(doc["machine"]), "## Settings", "",
+              "- " + ", ".join(f"{k}: {v}" for k, v in doc["settings"].items()), ""]
+    write_text(files["report"], "\n".join(parts))
+    return files
+
+
+# --- the `bench serve` report -------------------------------------------------------------------
+
+def _errors_text(level: dict[str, Any]) -> str:
+    parts = [f"{code}: {n}" for code, n in level["by_status"].items() if not code.startswith("2")]
+    parts += [f"{name}: {n}" for name, n in level["connection_errors"].items()]
+    return ", ".join(parts) or "none"
+
+
+def serve_table(doc: dict[str, Any]) -> str:
+    """One row per concurrency level: counts, rates, latency of successful answers, errors."""
+    lines = ["| concurrency | requests | ok | error rate | requests/s | ok/s | p50 ms | p90 ms | p95 ms | p99 ms | mean ms "
+             "| errors by status / exception | stopped by | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for level in doc["levels"]:
+        lat = level["latency"]
+        cells = ([f"{lat[k]:.1f}" for k in ("p50_ms", "p90_ms", "p95_ms", "p99_ms", "mean_ms")] if lat else ["-"] * 5)
+        note = []
+        if lat and lat["noisy"]:
+            note.append(f"spread {lat['spread']:.0%}")
+        if lat and lat["samples"] < FEW_SAMPLES:
+            note.append(f"few samples ({lat['samples']})")
+        lines.append(f"| {level['concurrency']} | {level['requests']} | {level['ok']} | {level['error_rate']:.1%} | "
+                     f"{level['requests_per_s']:.1f} | {level['ok_per_s']:.1f} | {' | '.join(cells)} | "
+                     f"{_errors_text(level)} | {level.get('stopped_by', '-')} | {'; '.join(note)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_serve(doc: dict[str, Any], path: Path) -> None:
+    """Latency percentiles and requests/s against concurrency, side by side."""
+    levels = doc["levels"]
+
+    def draw(tmp: Path) -> None:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2), dpi=110)
+        xs = [lvl["concurrency"] for lvl in levels]
+        for key, label in (("p50_ms", "p50"), ("p95_ms", "p95"), ("p99_ms", "p99")):
+            pts = [(x, lvl["latency"][key]) for x, lvl in zip(xs, levels) if lvl["latency"]]
+            left.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        left.set_xlabel("concurrency (requests in flight)")
+        left.set_ylabel("latency of successful requests, ms")
+        left.set_title("Latency vs concurrency")
+        right.plot(xs, [lvl["requests_per_s"] for lvl in levels], marker="o", label="all answers")
+        right.plot(xs, [lvl["ok_per_s"] for lvl in levels], marker="s", label="successful (2xx)")
+        right.set_xlabel("concurrency (requests in flight)")
+        right.set_ylabel("requests / s")
+        right.set_title("Throughput vs concurrency")
+        for ax in (left, right):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(xs, [str(x) for x in xs])
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=8)
+        fig.suptitle(doc["url"], fontsize=9)
+        fig.tight_layout()
+        fig.savefig(tmp, format="png")
+        plt.close(fig)
+
+    atomic_write_with(path, draw)
+
+
+def write_serve_report(doc: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """``results.json``, ``report.md`` and ``load.png`` of one ``bench serve`` run."""
+    out_dir = Path(out_dir)
+    files = {"results": out_dir / "results.json", "report": out_dir / "report.md", "plot": out_dir / "load.png"}
+    write_json(doc, files["results"])
+    plot_serve(doc, files["plot"])
+    settings = doc["settings"]
+    models = sorted({m for level in doc["levels"] for m in level.get("models", [])})
+    same = ("The client ran on the same machine as the service and competed with it for the CPU (see client CPU "
+            "seconds per level in results.json).\n" if doc.get("client_on_same_machine") else "")
+    parts = [f"# Load test of {doc['url']}", "", f"Measured {doc['created']} in {doc['seconds']:.0f} s. Closed loop: each "
+             f"of C workers sends its next request when the previous one is answered; at most {settings['requests']} "
+             f"requests and {settings['duration']:g} s per level (requests in flight at the deadline are awaited), "
+             f"{settings['warmup']} untimed warm-up requests, timeout {settings['timeout']:g} s. "
+             f"{doc['images']['count']} image(s) ({doc['images']['bytes'] / 1e3:.0f} kB) sent in turn as multipart "
+             f"field `{settings['field']}`.", "", f"Model(s) answering: {', '.join(models) or 'not reported'}.", "",
+             busy_warning(doc) + same, "![latency and throughput vs concurrency](load.png)", "",
+             "## Results", "", "Latency percentiles are those of successful (2xx) answers, measured on the client from "
+             "sending the request to reading the whole answer.", "", serve_table(doc), "## Client machine", "",
+             machine_markdown(doc["machine"])]
+    write_text(files["report"], "\n".join(parts))
+    return files

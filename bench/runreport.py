@@ -15,7 +15,7 @@ def write_run_report(run_dir: Path, manifest: dict[str, Any], *, latency_batch: 
     run_dir = Path(run_dir)
     batches = sorted({1, latency_batch})
     doc = benchmark_run(run_dir, backends=("ort-cpu",), batch_sizes=batches, measure_accuracy=False,
-                        rounds=20, per_round=5, min_seconds=2.0, max_seconds=20.0)
+                        rounds=20, min_seconds=2.0, max_seconds=20.0)
     write_json(doc, run_dir / "report.json")
     plot_pareto(doc, run_dir / "pareto.png", backend="ort-cpu", batch=1)
     recommended = recommend_step(doc, "ort-cpu", 1)
@@ -24,13 +24,13 @@ def write_run_report(run_dir: Path, manifest: dict[str, Any], *, latency_batch: 
                                "report": "report.md", "pareto": "pareto.png", "results": "report.json", "steps": []}
     for step in doc["steps"]:
         entry: dict[str, Any] = {"step": step["step"]}
-        for row in select(doc["results"], step=step["step"]):
+        for row in select(doc["results"], step=step["step"], precision="fp32"):
             entry[f"ort_cpu_b{row['batch']}_p50_ms"] = row["latency"]["p50_ms"]
             entry[f"ort_cpu_b{row['batch']}_speedup"] = row.get("speedup")
         summary["steps"].append(entry)
     base_acc = doc["steps"][0]["accuracy"]
     last_row = next(s for s in doc["steps"] if s["step"] == last)
-    last_b1 = select(doc["results"], step=last, batch=1)[0]
+    last_b1 = select(doc["results"], step=last, batch=1, precision="fp32")[0]
     headline = (f"Step {last} keeps {last_row['macs_ratio']:.1%} of step 0's MACs and {last_row['params'] / doc['steps'][0]['params']:.1%} "
                 f"of its parameters at top-1 {last_row['accuracy']:.4f} (step 0: {base_acc:.4f}, "
                 f"{(last_row['accuracy'] - base_acc) * 100:+.2f} points); ONNX Runtime CPU batch-1 median latency "

@@ -11,7 +11,7 @@ from .models_bench import batch_of, validation_arrays
 
 
 def measure_step_speedup(run_dir: Path, manifest: dict[str, Any], step: int, *, backend: str = "ort-cpu",
-                         batch: int = 1, rounds: int = 20, per_round: int = 5, min_seconds: float = 2.0,
+                         batch: int = 1, rounds: int = 20, per_round: int | None = None, min_seconds: float = 2.0,
                          max_seconds: float = 20.0) -> dict[str, Any]:
     """Median-latency ratio step 0 / ``step`` on ``backend`` at ``batch`` (raises
     ``BackendUnavailable`` when the backend cannot run here)."""

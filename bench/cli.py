@@ -1,0 +1,183 @@
+"""The ``bench`` command line (typer): ``bench models``, ``bench serve``, ``bench compare``.
+
+Exit codes as for ``compress`` (shared wrapper): 0 success, 2 bad usage or bad input (one
+line on stderr), 1 unexpected failure."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from typing_extensions import Annotated
+
+from compress.errors import UsageError
+
+app = typer.Typer(
+    name="bench",
+    help="Latency, throughput and accuracy benchmarks of a compress run's models on ONNX Runtime and PyTorch, "
+         "and HTTP load tests of the service. Writes JSON + Markdown + PNG.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
+)
+
+MODELS_EXAMPLES = """
+Examples:
+
+  bench models runs/digits                                   # ort-cpu, ort-cuda, torch at batch 1, 8, 64
+
+  bench models runs/c10 --backends ort-cuda,torch-cuda --batch-sizes 1,64,256,1024
+
+  bench models runs/digits --backends ort-cpu --threads 1 --steps 0,3 --out /tmp/b1
+"""
+
+SERVE_EXAMPLES = """
+Examples:
+
+  bench serve http://127.0.0.1:3000 --images tests/images --concurrency 1,8,32 --requests 500 --duration 30
+"""
+
+
+def parse_ints(text: str, option: str, minimum: int = 1) -> list[int]:
+    """``"1,8,64"`` -> ``[1, 8, 64]``: integers >= ``minimum``, distinct, in the given order."""
+    values: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            value = int(part)
+        except ValueError:
+            raise UsageError(f"{option}: '{part}' is not an integer (expected e.g. 1,8,64)") from None
+        if value < minimum:
+            raise UsageError(f"{option}: values must be >= {minimum}, got {value}")
+        if value not in values:
+            values.append(value)
+    return values
+
+
+def parse_names(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise UsageError("--backends: no backend given")
+    return list(dict.fromkeys(names))
+
+
+def output_dir(out: Path | None, default_parent: Path) -> Path:
+    """``out`` or ``default_parent/<timestamp>`` (never an existing folder: runs are kept)."""
+    if out is not None:
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {out} exists and is not a folder")
+        return out
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    candidate, index = default_parent / stamp, 1
+    while candidate.exists():
+        index += 1
+        candidate = default_parent / f"{stamp}-{index}"
+    return candidate
+
+
+@app.command(epilog=MODELS_EXAMPLES)
+def models(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory made by `compress run`.")],
+    backends: Annotated[str, typer.Option(help="Comma-separated: ort-cpu, ort-cuda, torch (CUDA if present, else CPU), "
+                                               "torch-cpu, torch-cuda. Backends that cannot run here are skipped, with the reason.")]
+        = "ort-cpu,ort-cuda,torch",
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8,64",
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (ORT intra-op, torch); default: the libraries' own.")] = None,
+    steps: Annotated[Optional[str], typer.Option(help="Comma-separated steps to measure (step 0 is always included).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: RUN_DIR/bench/<timestamp>).")] = None,
+    warmup: Annotated[int, typer.Option(help="Untimed calls per model before timing.")] = 5,
+    rounds: Annotated[int, typer.Option(help="Interleaved rounds (each times every step in turn).")] = 20,
+    min_seconds: Annotated[float, typer.Option(help="Keep timing a (backend, batch) group at least this long.")] = 1.0,
+    max_seconds: Annotated[float, typer.Option(help="Stop timing a (backend, batch) group after this long.")] = 8.0,
+    accuracy: Annotated[bool, typer.Option("--accuracy/--no-accuracy", help="Measure validation accuracy through each backend.")] = True,
+) -> None:
+    """Latency (p50/p90/p95/p99, mean), throughput and accuracy of every step of a run, per backend and batch
+    size; speed-ups against step 0 measured interleaved in the same run."""
+    from .backends import check_options
+
+    backend_list, batch_list = parse_names(backends), parse_ints(batch_sizes, "--batch-sizes")
+    step_list = parse_ints(steps, "--steps", minimum=0) if steps is not None else None
+    check_options(backend_list, batch_list, threads)
+    if warmup < 0 or rounds < 1 or min_seconds < 0 or max_seconds <= 0:
+        raise UsageError("--warmup must be >= 0, --rounds >= 1, --min-seconds >= 0 and --max-seconds > 0")
+    if not run_dir.is_dir():
+        raise UsageError(f"run directory not found: {run_dir}")
+    from .models_bench import benchmark_run  # torch, onnxruntime: imported once the options are known good
+    from .report import write_models_report
+
+    doc = benchmark_run(run_dir, backends=backend_list, batch_sizes=batch_list, threads=threads, steps=step_list,
+                        warmup=warmup, rounds=rounds, min_seconds=min_seconds, max_seconds=max_seconds,
+                        measure_accuracy=accuracy)
+    files = write_models_report(doc, output_dir(out, run_dir / "bench"))
+    if not doc["results"]:  # every backend asked for was skipped: say so, as `compress --device cuda` would
+        reasons = "; ".join(f"{s['backend']} {s['precision']}: {s['reason']}" for s in doc["skipped"])
+        raise UsageError(f"nothing measured, every backend was skipped ({reasons}); see {files['report']}")
+    typer.echo(f"{files['report']}")
+    typer.echo(f"results: {files['results']}; {len(doc['results'])} measurements in {doc['seconds']:.0f} s"
+               + (f"; skipped: {', '.join(s['backend'] + ' ' + s['precision'] for s in doc['skipped'])}"
+                  if doc["skipped"] else ""))
+
+
+@app.command(epilog=SERVE_EXAMPLES)
+def serve(
+    url: Annotated[str, typer.Argument(help="Base URL of the service, e.g. http://127.0.0.1:3000 (loopback unless --allow-remote).")],
+    images: Annotated[Path, typer.Option(help="Folder of image files to send (searched recursively), or one file.")],
+    concurrency: Annotated[str, typer.Option(help="Comma-separated concurrency levels (closed loop: each worker sends "
+                                                  "its next request when the previous one is answered).")] = "1,8,32",
+    requests: Annotated[int, typer.Option(help="At most this many requests per concurrency level.")] = 200,
+    duration: Annotated[float, typer.Option(help="At most this many seconds per level (requests in flight are awaited).")] = 30.0,
+    endpoint: Annotated[str, typer.Option(help="Path appended to URL.")] = "/classify",
+    field: Annotated[str, typer.Option(help="Multipart field name of the image.")] = "image",
+    warmup: Annotated[Optional[int], typer.Option(help="Untimed requests per level (default: one per worker).")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds before one request counts as a timeout error.")] = 30.0,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: bench-serve/<timestamp>).")] = None,
+    allow_remote: Annotated[bool, typer.Option("--allow-remote", help="Allow a target that is not this machine.")] = False,
+) -> None:
+    """Closed-loop HTTP load test: latency percentiles, requests/s and errors by status code per concurrency."""
+    from .load import check_target, load_images, run_sweep
+
+    levels = parse_ints(concurrency, "--concurrency")
+    if requests < 1 or duration <= 0 or timeout <= 0 or (warmup is not None and warmup < 0):
+        raise UsageError("--requests must be >= 1, --warmup >= 0, --duration and --timeout > 0")
+    target = check_target(url, endpoint, allow_remote=allow_remote)
+    payloads = load_images(images)
+    doc = run_sweep(target, payloads, levels, requests=requests, duration=duration, timeout=timeout, field=field,
+                    warmup=warmup)
+    doc["images"]["source"] = str(images)
+    from .report import write_serve_report
+
+    files = write_serve_report(doc, output_dir(out, Path("bench-serve")))
+    typer.echo(f"{files['report']}")
+    best = max(doc["levels"], key=lambda level: level["requests_per_s"])
+    typer.echo(f"results: {files['results']}; best {best['requests_per_s']:.1f} requests/s at concurrency "
+               f"{best['concurrency']}; errors: {sum(level['errors'] for level in doc['levels'])}")
+
+
+@app.command()
+def compare(
+    a: Annotated[Path, typer.Argument(help="results.json of `bench models` or `bench serve` (the baseline).")],
+    b: Annotated[Path, typer.Argument(help="results.json of the same kind to compare against A.")],
+    a_backend: Annotated[Optional[str], typer.Option(help="Models only: compare only this BACKEND[:PRECISION] of A "
+                                                          "(e.g. ort-cpu, ort-cuda:fp16).")] = None,
+    b_backend: Annotated[Optional[str], typer.Option(help="Models only: ... of B (default: as for A). Different "
+                                                          "backends on each side compare backends.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Also write the Markdown table to this file.")] = None,
+) -> None:
+    """Side-by-side table of two results files with B/A ratios (runs, machines, backends)."""
+    from .compare import compare_files
+    from .report import write_text
+
+    text = compare_files(a, b, a_backend, b_backend)
+    if out is not None:
+        write_text(out, text)
+    typer.echo(text, nl=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    from compress.cli_support import run_app
+
+    run_app(app, "bench", argv)
+
+
+if __name__ == "__main__":
+    main()

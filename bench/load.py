@@ -1,0 +1,207 @@
+"""``bench serve``: closed-loop HTTP load against the classification service.
+
+Closed loop: each of C workers sends its next request only when its previous one has been
+answered, so C is the number of requests in flight and the service is never flooded beyond
+it (open-loop generators measure their own queue instead). Each concurrency level is bounded
+by a request count and a duration; requests still in flight at the deadline are awaited (up
+to the per-request timeout) and counted. Latency is measured per request on the client, from
+sending to the last byte of the answer; errors are counted by HTTP status code, and failed
+connections by the exception's name (``ConnectError``, ``ReadTimeout``, ...)."""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import mimetypes
+import socket
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+from urllib.parse import urlsplit
+
+import httpx
+
+from compress.errors import UsageError
+
+from .machine import load_average, machine_info
+from .measure import Timer, summarize
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+MAX_IMAGES = 2000
+
+
+@dataclass(frozen=True)
+class Payload:
+    """One file to upload, held in memory so disk reads are not timed."""
+
+    name: str
+    data: bytes
+    content_type: str
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` is this machine: a loopback address, ``localhost``, or a name that
+    resolves only to loopback addresses."""
+    host = host.strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+
+
+def check_target(url: str, endpoint: str, *, allow_remote: bool = False) -> str:
+    """The full URL to POST to; a usage error for a malformed URL, or for one that leaves this
+    machine without ``allow_remote`` (a load test is not something to point at others by accident)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"bad URL '{url}': expected http://HOST:PORT, e.g. http://127.0.0.1:3000")
+    try:
+        parts.port  # noqa: B018  (raises ValueError for a bad port)
+    except ValueError:
+        raise UsageError(f"bad URL '{url}': the port is not a number in 0-65535") from None
+    if parts.query or parts.fragment:
+        raise UsageError(f"bad URL '{url}': give the base URL without ?query or #fragment (use --endpoint for the path)")
+    if not allow_remote and not is_loopback(parts.hostname):
+        raise UsageError(f"{parts.hostname} is not this machine; bench serve targets localhost unless --allow-remote is given")
+    if not endpoint.startswith("/"):
+        endpoint = "/" + endpoint
+    return url.rstrip("/") + endpoint
+
+
+def load_images(source: Path) -> list[Payload]:
+    """Image files under ``source`` (recursively, sorted; at most ``MAX_IMAGES``), or the one
+    file ``source`` names."""
+    source = Path(source)
+    if source.is_file():
+        files = [source]
+    elif source.is_dir():
+        files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)[:MAX_IMAGES]
+    else:
+        raise UsageError(f"--images {source}: no such file or folder")
+    if not files:
+        raise UsageError(f"--images {source}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
+    return [Payload(p.name, p.read_bytes(), mimetypes.guess_type(p.name)[0] or "application/octet-stream") for p in files]
+
+
+@dataclass
+class _Level:
+    """Mutable state shared by the workers of one concurrency level."""
+
+    limit: int
+    deadline: float
+    issued: int = 0
+    parsed: int = 0  # successful answers read for their "model" field (the first few only)
+
+
+async def _worker(client: httpx.AsyncClient, url: str, payloads: Sequence[Payload], field: str, state: _Level,
+                  records: list[tuple[float, str]], models: Counter, timer: Timer) -> None:
+    while state.issued < state.limit and timer() < state.deadline:
+        payload = payloads[state.issued % len(payloads)]
+        state.issued += 1
+        start = timer()
+        try:
+            response = await client.post(url, files={field: (payload.name, payload.data, payload.content_type)})
+            outcome = str(response.status_code)
+        except httpx.HTTPError as exc:  # connection refused/reset, timeouts, protocol errors
+            response, outcome = None, type(exc).__name__
+        records.append((timer() - start, outcome))
+        if response is not None and response.is_success and state.parsed < 5:
+            state.parsed += 1
+            try:
+                body = response.json()
+            except ValueError:
+                continue
+            if isinstance(body, dict) and "model" in body:
+                models[str(body["model"])] += 1
+
+
+async def _level(url: str, payloads: Sequence[Payload], concurrency: int, *, requests: int, duration: float,
+                 timeout: float, field: str, warmup: int, timer: Timer,
+                 transport: httpx.AsyncBaseTransport | None) -> dict[str, Any]:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport) as client:
+        models: Counter = Counter()
+        if warmup:
+            state = _Level(warmup, timer() + max(duration, timeout))
+            await asyncio.gather(*(_worker(client, url, payloads, field, state, [], models, timer)
+                                   for _ in range(min(concurrency, warmup))))
+        records: list[tuple[float, str]] = []
+        cpu, started = time.process_time(), timer()
+        state = _Level(requests, started + duration)
+        await asyncio.gather(*(_worker(client, url, payloads, field, state, records, models, timer)
+                               for _ in range(concurrency)))
+        elapsed, cpu = timer() - started, time.process_time() - cpu
+    return summarize_level(concurrency, records, elapsed, stopped_by="requests" if len(records) >= requests else "duration",
+                           client_cpu_s=cpu, models=sorted(models))
+
+
+def summarize_level(concurrency: int, records: Sequence[tuple[float, str]], elapsed: float, **extra: Any) -> dict[str, Any]:
+    """Counts, rates and latency percentiles of one level. ``latency`` covers successful (2xx)
+    answers only, so fast error pages cannot flatter it; ``latency_all`` covers every request."""
+    outcomes = Counter(outcome for _, outcome in records)
+    ok = [seconds for seconds, outcome in records if outcome.startswith("2") and outcome.isdigit()]
+    errors = len(records) - len(ok)
+    return {
+        "concurrency": concurrency,
+        "requests": len(records),
+        "ok": len(ok),
+        "errors": errors,
+        "error_rate": errors / len(records) if records else 0.0,
+        "by_status": dict(sorted((k, v) for k, v in outcomes.items() if k.isdigit())),
+        "connection_errors": dict(sorted((k, v) for k, v in outcomes.items() if not k.isdigit())),
+        "elapsed_s": elapsed,
+        "requests_per_s": len(records) / elapsed if elapsed > 0 else 0.0,
+        "ok_per_s": len(ok) / elapsed if elapsed > 0 else 0.0,
+        "latency": summarize(ok, 1).to_dict() if ok else None,
+        "latency_all": summarize([s for s, _ in records], 1).to_dict() if records else None,
+        **extra,
+    }
+
+
+async def _preflight(url: str, payload: Payload, field: str, timeout: float,
+                     transport: httpx.AsyncBaseTransport | None) -> None:
+    """One request before the sweep: if nothing answers at all, say so (a usage error) instead
+    of reporting a sweep made only of connection errors."""
+    async with httpx.AsyncClient(timeout=timeout, transport=transport) as client:
+        try:
+            await client.post(url, files={field: (payload.name, payload.data, payload.content_type)})
+        except httpx.HTTPError as exc:
+            raise UsageError(f"nothing answers at {url} ({type(exc).__name__}: {exc}); is the service running?") from None
+
+
+def run_sweep(url: str, payloads: Sequence[Payload], concurrency: Sequence[int], *, requests: int, duration: float,
+              timeout: float = 30.0, field: str = "image", warmup: int | None = None, timer: Timer = time.perf_counter,
+              transport: httpx.AsyncBaseTransport | None = None, preflight: bool = True) -> dict[str, Any]:
+    """Every concurrency level in turn; returns the results document (``kind: bench-serve``).
+    ``warmup`` untimed requests precede each level (default: one per worker, so connections
+    are open and the service has seen the batch shape before timing)."""
+    if preflight:
+        asyncio.run(_preflight(url, payloads[0], field, timeout, transport))
+    started = time.time()
+    machine = machine_info()
+    levels = []
+    for level in concurrency:
+        levels.append(asyncio.run(_level(url, payloads, level, requests=requests, duration=duration, timeout=timeout,
+                                         field=field, warmup=level if warmup is None else warmup, timer=timer,
+                                         transport=transport)))
+    return {
+        "kind": "bench-serve",
+        "url": url,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": round(time.time() - started, 1),
+        "settings": {"concurrency": list(concurrency), "requests": requests, "duration": duration, "timeout": timeout,
+                     "field": field, "warmup": "one per worker" if warmup is None else warmup},
+        "images": {"count": len(payloads), "bytes": sum(len(p.data) for p in payloads)},
+        "machine": machine,
+        "load_average_end": load_average(),
+        "client_on_same_machine": is_loopback(urlsplit(url).hostname or ""),
+        "levels": levels,
+    }
