@@ -16,12 +16,14 @@ in a built Bento and in its container (``docker run -e SERVE_MODELS=...``):
 - ``SERVE_TOP_K``: entries in ``top_k`` (default 5, at most the number of classes).
 - ``SERVE_MAX_BATCH_SIZE`` / ``SERVE_MAX_LATENCY_MS``: adaptive batching limits (default 64 / 20000).
 - ``SERVE_WORKERS``: worker processes of the HTTP front (default 1); the model service runs one.
+- ``SERVE_ACCESS_LOG``: ``off`` (default) or ``on``: one log line per request of the HTTP front
+  (measured here: the line costs about a fifth of the CPU throughput; /metrics counts requests anyway).
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 VOTING = ("soft", "hard")
 PROVIDERS = ("auto", "cuda", "cpu")
@@ -77,14 +79,10 @@ class Settings:
     max_batch_size: int = 64
     max_latency_ms: int = 20_000
     workers: int = 1
-
-    @property
-    def max_request_bytes(self) -> int:
-        """The whole multipart body: every file at its limit plus room for the part headers."""
-        return self.max_files * (self.max_bytes + 4096) + 65536
+    access_log: bool = False
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         return cls(
             models=parse_models(env.get("SERVE_MODELS", "")),
@@ -99,6 +97,7 @@ class Settings:
             max_batch_size=_int(env, "SERVE_MAX_BATCH_SIZE", cls.max_batch_size, minimum=2),
             max_latency_ms=_int(env, "SERVE_MAX_LATENCY_MS", cls.max_latency_ms),
             workers=_int(env, "SERVE_WORKERS", cls.workers),
+            access_log=_choice(env, "SERVE_ACCESS_LOG", ("off", "on", "0", "1", "false", "true")) in ("on", "1", "true"),
         )
 
     def require_models(self) -> tuple[str, ...]:
