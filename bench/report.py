@@ -73,6 +73,7 @@ def plot_pareto(doc: dict[str, Any], path: Path, *, backend: str, batch: int, pr
             macs = next(s["macs_ratio"] for s in doc["steps"] if s["step"] == row["step"])
             ax.annotate(f"step {row['step']}\n{macs:.0%} MACs", (xs[i], ys[i]), textcoords="offset points",
                         xytext=(6, 4), fontsize=8)
+        ax.margins(x=0.12, y=0.18)  # room for the step labels at the edges
         ax.set_xlabel(f"median latency, ms ({backend}, {precision}, batch {batch})")
         ax.set_ylabel("top-1 accuracy, %")
         ax.set_title("Accuracy vs latency (red: Pareto-optimal)")
