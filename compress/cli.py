@@ -4,6 +4,7 @@ Exit codes: 0 success, 2 bad usage or bad input (one line on stderr, no tracebac
 1 unexpected failure (one line on stderr; the traceback goes to a log file)."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Optional
 
@@ -125,28 +126,27 @@ def run(data: Data = None, out: Out = None, arch: Arch = None, weights: Weights 
     console.print(f"[bold green]done[/]: {run_.run_dir}/report.md (recommended step {summary['recommended_step']})")
 
 
-@app.command(epilog=RUN_EXAMPLES)
-def finetune(data: Data = None, out: Out = None, arch: Arch = None, weights: Weights = None, model: Model = None,
-             stem: Stem = None, input_size: InputSize = None, epochs: Epochs = None, batch_size: BatchSize = None,
-             optimizer: Optimizer = None, lr: Lr = None, sgd_lr: SgdLr = None, switch_epoch: SwitchEpoch = None,
-             schedule: Schedule = None, weight_decay: WeightDecay = None, label_smoothing: LabelSmoothing = None,
-             freeze_epochs: FreezeEpochs = None, patience: Patience = None, balance: Balance = None,
-             aug_scale_min: AugScaleMin = None, aug_hflip: AugHflip = None, aug_rotation: AugRotation = None,
-             aug_color_jitter: AugColorJitter = None, val_fraction: ValFraction = None, prune_steps: PruneSteps = None,
-             target_macs: TargetMacs = None, retrain_epochs: RetrainEpochs = None, retrain_lr: RetrainLr = None,
-             scope: Scope = None, max_layer_ratio: MaxLayerRatio = None, round_to: RoundTo = None,
-             layer_caps: LayerCaps = None,
-             distill_weight: DistillWeight = None, distill_temperature: DistillTemperature = None,
-             export_fp16: ExportFp16 = None, parity_tolerance: ParityTolerance = None, latency_batch: LatencyBatch = None,
-        target_speedup: TargetSpeedup = None, latency_backend: LatencyBackend = None, device: Device = None,
-             seed: Seed = None, workers: Workers = None, trust_pickle: TrustPickle = None, config_file: ConfigFile = None,
-             force: Force = False) -> None:
-    """Stage 1 alone: create the run directory and fine-tune step 0. The options are those of
-    `compress run` and are fixed for the run's later stages (`prune`, `export`, `report`)."""
-    run_ = _open(dict(locals()))
+def _with_run_options(action: Any, doc: str) -> Any:
+    """A command taking exactly `compress run`'s options (typer reads the signature through
+    ``functools.wraps``), so stage commands never drift from `run`."""
+
+    @functools.wraps(run)
+    def command(**options: Any) -> None:
+        action(_open(options))
+
+    command.__doc__ = doc
+    return command
+
+
+def _finetune(run_: Any) -> None:
     from .pipeline import finetune as finetune_stage
 
     finetune_stage(run_)
+
+
+app.command(name="finetune", epilog=RUN_EXAMPLES)(_with_run_options(
+    _finetune, """Stage 1 alone: create the run directory and fine-tune step 0. The options are those of
+    `compress run` and are fixed for the run's later stages (`prune`, `export`, `report`)."""))
 
 
 def _reopen(run_dir: Path, device: str | None) -> Any:

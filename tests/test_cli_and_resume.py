@@ -168,3 +168,21 @@ def test_kill_9_at_two_points_then_resume_finishes_the_same_steps(tmp_path: Path
     assert final["steps"][2]["macs"] <= 0.6 * final["steps"][0]["macs"]
     assert (out / "report.md").exists() and (out / "pareto.png").exists()
     assert not list(out.rglob("*.tmp")) and not list(out.rglob(".*.tmp"))
+
+
+def test_stages_one_by_one(tmp_path: Path, tiny_data: Path) -> None:
+    """`compress finetune`, then `prune`, `export` and `report` on RUN_DIR alone."""
+    out = tmp_path / "staged"
+    main(["finetune", "--data", str(tiny_data), "--out", str(out), *TINY_OPTIONS])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["step"] for s in manifest["steps"]] == [0] and manifest["steps"][0]["onnx"] is None
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(out)])
+    assert exit_info.value.code == 2
+    main(["prune", str(out)])
+    main(["export", str(out)])
+    main(["report", str(out)])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["step"] for s in manifest["steps"]] == [0, 1]
+    assert all(s["onnx"] and s["parity"]["max_abs_diff"] <= 1e-4 for s in manifest["steps"])
+    assert manifest["report"]["recommended_step"] in (0, 1) and (out / "report.md").exists()
