@@ -37,6 +37,7 @@ class Prepared:
 
 
 def _ort(path: Path, provider: str, threads: int | None) -> Prepared:
+    from compress.cli_support import first_line
     from compress.export import INPUT_NAME, OUTPUT_NAME, make_session
 
     if provider == "cuda":
@@ -44,8 +45,7 @@ def _ort(path: Path, provider: str, threads: int | None) -> Prepared:
     try:
         session = make_session(path, provider, threads=threads, spinning=False)
     except Exception as exc:  # onnxruntime's own exception types: a model this provider cannot run
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BackendUnavailable(f"ONNX Runtime cannot load {path.name} on {provider}: {first}") from None
+        raise BackendUnavailable(f"ONNX Runtime cannot load {path.name} on {provider}: {first_line(exc)}") from None
     used = session.get_providers()[0]
     # an fp16 export may keep float16 inputs: feed what the model declares
     dtype = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32

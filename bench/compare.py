@@ -28,6 +28,9 @@ def read_results(path: Path) -> dict[str, Any]:
         raise UsageError(f"{path} is not valid JSON ({exc})") from None
     if not isinstance(doc, dict) or doc.get("kind") not in KINDS:
         raise UsageError(f"{path} is not a results.json of `bench models` or `bench serve`")
+    needed = "results" if doc["kind"] == "bench-models" else "levels"
+    if not isinstance(doc.get(needed), list):
+        raise UsageError(f"{path} has no '{needed}' list: not a complete {doc['kind']} results file")
     return doc
 
 

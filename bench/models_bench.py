@@ -23,15 +23,18 @@ from .measure import NOISY_SPEEDUP_BAND, interleaved, paired_speedup_spread, spe
 console = Console(stderr=True)
 
 
-def validation_arrays(manifest: dict[str, Any], limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The run's validation images, preprocessed exactly as in training, as float32 NCHW."""
+def validation_arrays(manifest: dict[str, Any], limit: int | None = None,
+                      data: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """The run's validation images, preprocessed exactly as in training, as float32 NCHW.
+    ``data`` is the run's already loaded ``DataBundle`` (saves scanning the folder again)."""
     from compress.config import RunConfig
     from compress.data import load_data
 
-    stored = {k: v for k, v in manifest["config"].items() if k in RunConfig.option_names()}
-    config = RunConfig(**stored)
-    data = load_data(config.data, augment=config.augmentation(), val_fraction=config.val_fraction,
-                     seed=config.seed, input_size=config.input_size)
+    if data is None:
+        stored = {k: v for k, v in manifest["config"].items() if k in RunConfig.option_names()}
+        config = RunConfig(**stored)
+        data = load_data(config.data, augment=config.augmentation(), val_fraction=config.val_fraction,
+                         seed=config.seed, input_size=config.input_size)
     count = len(data.val) if limit is None else min(limit, len(data.val))
     images = np.stack([data.val[i][0].numpy() for i in range(count)]).astype(np.float32)
     labels = np.asarray([data.val_labels[i] for i in range(count)])
@@ -117,7 +120,7 @@ def step_summary(run_dir: Path, chosen: list[dict[str, Any]]) -> list[dict[str, 
 def benchmark_run(run_dir: Path, *, backends: Sequence[str] = ("ort-cpu", "torch"), batch_sizes: Sequence[int] = (1, 8, 64),
                   threads: int | None = None, warmup: int = 5, rounds: int = 20, per_round: int | None = None,
                   min_seconds: float = 0.0, max_seconds: float = 30.0, measure_accuracy: bool = True,
-                  steps: Sequence[int] | None = None) -> dict[str, Any]:
+                  steps: Sequence[int] | None = None, data: Any = None) -> dict[str, Any]:
     """Measure a run's steps; returns the results document (``kind: bench-models``).
 
     For each backend and precision, all steps are loaded together; for each batch size they
@@ -130,7 +133,8 @@ def benchmark_run(run_dir: Path, *, backends: Sequence[str] = ("ort-cpu", "torch
     chosen = choose_steps(run_dir, manifest, steps)
     started = time.time()
     machine = machine_info(threads)
-    images, labels = validation_arrays(manifest)
+    # latency needs only a batch of real images; accuracy needs them all
+    images, labels = validation_arrays(manifest, limit=None if measure_accuracy else max(batch_sizes), data=data)
     results: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     for backend in backends:

@@ -11,10 +11,11 @@ from .report import (latency_table, machine_markdown, noisy_note, plot_pareto, r
                      write_json, write_text)
 
 
-def write_run_report(run_dir: Path, manifest: dict[str, Any], *, latency_batch: int = 32) -> dict[str, Any]:
+def write_run_report(run_dir: Path, manifest: dict[str, Any], *, latency_batch: int = 32,
+                     data: Any = None) -> dict[str, Any]:
     run_dir = Path(run_dir)
     batches = sorted({1, latency_batch})
-    doc = benchmark_run(run_dir, backends=("ort-cpu",), batch_sizes=batches, measure_accuracy=False,
+    doc = benchmark_run(run_dir, backends=("ort-cpu",), batch_sizes=batches, measure_accuracy=False, data=data,
                         rounds=20, min_seconds=2.0, max_seconds=20.0)
     write_json(doc, run_dir / "report.json")
     plot_pareto(doc, run_dir / "pareto.png", backend="ort-cpu", batch=1)

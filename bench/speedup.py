@@ -12,12 +12,12 @@ from .models_bench import batch_of, validation_arrays
 
 def measure_step_speedup(run_dir: Path, manifest: dict[str, Any], step: int, *, backend: str = "ort-cpu",
                          batch: int = 1, rounds: int = 20, per_round: int | None = None, min_seconds: float = 2.0,
-                         max_seconds: float = 20.0) -> dict[str, Any]:
+                         max_seconds: float = 20.0, data: Any = None) -> dict[str, Any]:
     """Median-latency ratio step 0 / ``step`` on ``backend`` at ``batch`` (raises
     ``BackendUnavailable`` when the backend cannot run here)."""
     run_dir = Path(run_dir)
     entries = {s["step"]: s for s in manifest["steps"]}
-    images, _ = validation_arrays(manifest, limit=max(batch, 64))
+    images, _ = validation_arrays(manifest, limit=max(batch, 64), data=data)
     data = batch_of(images, batch)
     runners = {}
     device = None

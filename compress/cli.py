@@ -207,6 +207,8 @@ def sensitivity(run_dir: RunDir,
         raise UsageError(f"--ratios {ratios!r}: expected comma-separated numbers") from None
     if not parsed or not all(0.0 < r < 1.0 for r in parsed):
         raise UsageError("--ratios must be numbers in (0, 1)")
+    if not 0.0 <= tolerance < 1.0:
+        raise UsageError("--tolerance must be in [0, 1)")
     from .pipeline import sensitivity as sensitivity_stage
 
     sensitivity_stage(_reopen(run_dir, device), step=step, ratios=parsed, tolerance=tolerance)

@@ -179,6 +179,8 @@ def resolve_config(cli_options: dict[str, Any], config_file: Path | None) -> Run
     if unknown:
         raise UsageError(f"unknown option(s) in --config: {', '.join(unknown)}")
     values = {name: _coerce(name, value, known[name].type) for name, value in merged.items()}
+    if values.get("layer_caps"):  # recorded absolute, so a resume from another folder finds it
+        values["layer_caps"] = str(Path(values["layer_caps"]).expanduser().resolve())
     config = RunConfig(**values)
     config.validate()
     return config

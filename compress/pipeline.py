@@ -139,6 +139,11 @@ def open_run(run_dir: Path, config: RunConfig | None, *, force: bool = False) ->
     if config.weights not in ("auto", "imagenet", "none") and not Path(config.weights).is_file():
         raise UsageError(f"--weights {config.weights}: no such file (use imagenet, none, auto or a state-dict file)")
     device = resolve_device(config.device)
+    if config.target_speedup is not None and config.latency_backend == "ort-cuda":
+        import onnxruntime
+
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers() or not torch.cuda.is_available():
+            raise UsageError("--latency-backend ort-cuda: no CUDA device or ONNX Runtime CUDA provider on this machine")
     data = load_data(config.data, augment=config.augmentation(), val_fraction=config.val_fraction,
                      seed=config.seed, input_size=config.input_size)
     if manifest is None:
@@ -218,6 +223,7 @@ def prune_step(run: Run, step: int) -> None:
     settings = config.prune_settings()
     folder = step_dir(run.run_dir, step)
     base = run.step_entry(0)
+    _check_layer_caps(run, settings.layer_caps, base["widths"])
     target = step_targets(base["macs"], settings)[step - 1]
     pruned_path = folder / "pruned.pt"
     if pruned_path.exists():
@@ -244,6 +250,18 @@ def prune_step(run: Run, step: int) -> None:
     entry = run.step_entry(step)
     console.print(f"step {step}: MACs {entry['macs'] / base['macs']:.1%} of step 0, accuracy "
                   f"{accuracy_before:.4f} after pruning -> {result.best_accuracy:.4f} after retraining")
+
+
+def _check_layer_caps(run: Run, caps: dict[str, float], widths: dict[str, int]) -> None:
+    """Caps must name layers of this model, and stay what they were when pruning started
+    (the file is read again on resume)."""
+    unknown = sorted(set(caps) - set(widths))
+    if unknown:
+        raise UsageError(f"--layer-caps names layers this model does not have: {', '.join(unknown[:3])}")
+    stored = run.manifest["stages"].setdefault("layer_caps", caps)
+    if stored != caps:
+        raise UsageError(f"--layer-caps {run.config.layer_caps} changed since pruning started; restore it or use --force")
+    run.save()
 
 
 def prune(run: Run, *, export_each: bool = False) -> None:
@@ -292,7 +310,7 @@ def _measure_speedup(run: Run, step: int) -> None:
         return
     try:
         measured = measure_step_speedup(run.run_dir, run.manifest, step, backend=run.config.latency_backend,
-                                        batch=run.config.latency_batch)
+                                        batch=run.config.latency_batch, data=run.data)
     except BackendUnavailable as exc:
         raise UsageError(f"--latency-backend {run.config.latency_backend}: {exc}") from None
     entry["speedup_measured"] = measured
@@ -307,8 +325,9 @@ def export_step(run: Run, step: int) -> None:
     if entry is None:
         raise UsageError(f"step {step} is not finished; nothing to export")
     if entry.get("onnx") and entry.get("parity") and (run.run_dir / entry["onnx"]).exists():
-        if run.config.export_fp16 and not entry.get("onnx_fp16"):
-            _export_step_fp16(run, entry)
+        fp16 = entry.get("onnx_fp16")
+        if run.config.export_fp16 and not (fp16 and (run.run_dir / fp16).is_file()):
+            _export_step_fp16(run, entry, run.loaders()[1])
         return
     model = run.load_step_model(step)
     path = step_dir(run.run_dir, step) / "model.onnx"
@@ -325,14 +344,13 @@ def export_step(run: Run, step: int) -> None:
     console.print(f"step {step}: ONNX exported, parity max |diff| {parity['max_abs_diff']:.2e}, "
                   f"top-1 agreement {parity['top1_agreement']:.4f}")
     if run.config.export_fp16:
-        _export_step_fp16(run, entry)
+        _export_step_fp16(run, entry, val_loader)
 
 
-def _export_step_fp16(run: Run, entry: dict[str, Any]) -> None:
+def _export_step_fp16(run: Run, entry: dict[str, Any], val_loader: Any) -> None:
     """The fp16 twin of a step's ONNX file, with its agreement with fp32 on validation images."""
     path = step_dir(run.run_dir, entry["step"]) / "model_fp16.onnx"
     onnx_export.export_fp16(run.run_dir / entry["onnx"], path)
-    _, val_loader = run.loaders()
     agreement = onnx_export.compare_sessions(run.run_dir / entry["onnx"], path, (x for x, _ in val_loader))
     entry.update({"onnx_fp16": relative(run.run_dir, path), "onnx_fp16_bytes": path.stat().st_size,
                   "fp16": agreement})
@@ -358,7 +376,7 @@ def report(run: Run, *, redo: bool = False) -> dict[str, Any]:
             and all((run.run_dir / done[key]).exists() for key in ("report", "pareto", "results")):
         console.print("[dim]report already written[/]")
         return done
-    summary = write_run_report(run.run_dir, run.manifest, latency_batch=run.config.latency_batch)
+    summary = write_run_report(run.run_dir, run.manifest, latency_batch=run.config.latency_batch, data=run.data)
     run.manifest["report"] = summary
     run.save()
     return summary
@@ -378,7 +396,7 @@ def sensitivity(run: Run, *, step: int = 0, ratios: tuple[float, ...] | None = N
     with Progress(console=console) as progress:
         task = progress.add_task(f"sensitivity of step {step}", total=len(groups) * len(ratios))
         result = sens.analyse(model, val_loader, run.device, run.preprocessing.input_size, ratios=ratios,
-                              scope=run.config.scope, progress=lambda: progress.advance(task))
+                              scope=run.config.scope, progress=lambda: progress.advance(task), groups=groups)
     caps = sens.layer_caps(result, tolerance)
     folder = run.run_dir / "sensitivity"
     sens.write_outputs(folder, {**result, "step": step}, caps, tolerance)

@@ -56,13 +56,14 @@ def prune_group_alone(model: nn.Module, root_name: str, ratio: float, input_size
 
 
 def analyse(model: nn.Module, val_loader: Any, device: torch.device, input_size: int, *,
-            ratios: Sequence[float] = DEFAULT_RATIOS, scope: str = "global", progress: Any = None) -> dict[str, Any]:
-    """Accuracy of the model with each group pruned alone at each ratio."""
+            ratios: Sequence[float] = DEFAULT_RATIOS, scope: str = "global", progress: Any = None,
+            groups: Sequence[str] | None = None) -> dict[str, Any]:
+    """Accuracy of the model with each group (default: all prunable ones) pruned alone at each ratio."""
     model = model.eval()
     baseline = evaluate(model.to(device), val_loader, device)
     model.cpu()
     rows = []
-    groups = prunable_groups(model, input_size, scope)
+    groups = list(groups) if groups is not None else prunable_groups(model, input_size, scope)
     for name in groups:
         for ratio in ratios:
             pruned = prune_group_alone(model, name, ratio, input_size)

@@ -85,3 +85,22 @@ def test_run_with_block_scope_distillation_fp16_and_target_speedup(tmp_path: Pat
         assert step["fp16"]["top1_agreement"] >= 0.9
     report = (out / "report.md").read_text()
     assert "| ort-cpu | fp16 |" in report
+
+
+def test_layer_caps_must_name_real_layers_and_stay_fixed(tiny_run: Path) -> None:
+    from compress.errors import UsageError
+    from compress.pipeline import _check_layer_caps, open_run
+
+    run = open_run(tiny_run, None)
+    widths = run.step_entry(0)["widths"]
+    with pytest.raises(UsageError, match="does not have: layer9.conv1"):
+        _check_layer_caps(run, {"layer9.conv1": 0.5}, widths)
+    run.manifest["stages"]["layer_caps"] = {"conv1": 0.0}
+    with pytest.raises(UsageError, match="changed since pruning started"):
+        _check_layer_caps(run, {"conv1": 0.5}, widths)
+
+
+def test_sensitivity_rejects_a_negative_tolerance(tiny_run: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sensitivity", str(tiny_run), "--tolerance", "-0.1"])
+    assert exit_info.value.code == 2 and "--tolerance must be in [0, 1)" in capsys.readouterr().err
