@@ -187,7 +187,7 @@ def finetune(run: Run) -> None:
         console.print(f"[dim]step 0 already finished: accuracy {run.step_entry(0)['accuracy']:.4f}[/]")
         return
     config = run.config
-    _, val_loader = run.loaders()
+    train_loader, val_loader = run.loaders()
     if config.model is not None:
         model, meta = models.load_checkpoint(Path(config.model), trust_pickle=config.trust_pickle)
         if meta.get("classes") not in (None, run.data.classes):
@@ -201,7 +201,6 @@ def finetune(run: Run) -> None:
     model = models.build_model(config.arch, len(run.data.classes), weights=weights, stem=config.stem,
                                trust_pickle=config.trust_pickle)
     settings = config.finetune_settings(pretrained=weights != "none")
-    train_loader, val_loader = run.loaders()
     started = time.perf_counter()
     result = fit(model, train_loader, val_loader, settings, device=run.device,
                  state_path=step_dir(run.run_dir, 0) / "train_state.pt", label="fine-tune",
@@ -258,10 +257,12 @@ def _check_layer_caps(run: Run, caps: dict[str, float], widths: dict[str, int]) 
     unknown = sorted(set(caps) - set(widths))
     if unknown:
         raise UsageError(f"--layer-caps names layers this model does not have: {', '.join(unknown[:3])}")
-    stored = run.manifest["stages"].setdefault("layer_caps", caps)
-    if stored != caps:
+    stored = run.manifest["stages"].get("layer_caps")
+    if stored is None:
+        run.manifest["stages"]["layer_caps"] = caps
+        run.save()
+    elif stored != caps:
         raise UsageError(f"--layer-caps {run.config.layer_caps} changed since pruning started; restore it or use --force")
-    run.save()
 
 
 def prune(run: Run, *, export_each: bool = False) -> None:

@@ -90,6 +90,14 @@ def _make_scheduler(optimizer: torch.optim.Optimizer, settings: TrainSettings, l
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, length))
 
 
+def _start_phase(model: nn.Module, settings: TrainSettings, epoch: int) -> tuple[str, torch.optim.Optimizer, Any]:
+    """A fresh optimizer and an LR schedule spanning the optimizer phase that ``epoch`` is in."""
+    phase = _phase(settings, epoch)
+    optimizer = _make_optimizer(model, settings, phase)
+    start, end = _phase_bounds(settings, epoch)
+    return phase, optimizer, _make_scheduler(optimizer, settings, end - start)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
     """Top-1 accuracy (fraction) of ``model`` on ``loader``."""
@@ -170,33 +178,22 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, sett
     best_state: dict[str, torch.Tensor] | None = None
     history: list[dict[str, float]] = []
     saved = load_torch_safely(state_path) if state_path.exists() else None
-    phase = _phase(settings, 0) if settings.epochs else "sgd"
-    optimizer = _make_optimizer(model, settings, phase)
-    bounds = _phase_bounds(settings, 0) if settings.epochs else (0, 1)
-    scheduler = _make_scheduler(optimizer, settings, bounds[1] - bounds[0])
     if saved is not None:
         model.load_state_dict(saved["model"])
         start_epoch, best_accuracy, best_epoch = saved["epoch"] + 1, saved["best_accuracy"], saved["best_epoch"]
         since_best, history, best_state = saved["since_best"], saved["history"], saved["best_state"]
         torch.set_rng_state(saved["rng"])
-        if start_epoch < settings.epochs:
-            phase = _phase(settings, start_epoch)
-            optimizer = _make_optimizer(model, settings, phase)
-            bounds = _phase_bounds(settings, start_epoch)
-            scheduler = _make_scheduler(optimizer, settings, bounds[1] - bounds[0])
-            if saved["phase"] == phase:
-                optimizer.load_state_dict(saved["optimizer"])
-                scheduler.load_state_dict(saved["scheduler"])
     stopped_early = bool(saved and saved.get("stopped_early"))
+    phase: str | None = None
     with make_progress() as progress:
         for epoch in range(start_epoch, settings.epochs):
             if stopped_early:
                 break
             if _phase(settings, epoch) != phase:
-                phase = _phase(settings, epoch)
-                optimizer = _make_optimizer(model, settings, phase)
-                bounds = _phase_bounds(settings, epoch)
-                scheduler = _make_scheduler(optimizer, settings, bounds[1] - bounds[0])
+                phase, optimizer, scheduler = _start_phase(model, settings, epoch)
+                if saved is not None and epoch == start_epoch and saved["phase"] == phase:
+                    optimizer.load_state_dict(saved["optimizer"])  # resuming inside the same phase
+                    scheduler.load_state_dict(saved["scheduler"])
             frozen = epoch < settings.freeze_epochs
             freeze_backbone(model, frozen)
             task = progress.add_task(f"{label} {epoch + 1}/{settings.epochs} {phase}", total=len(train_loader),
