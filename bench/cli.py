@@ -164,11 +164,11 @@ def compare(
 ) -> None:
     """Side-by-side table of two results files with B/A ratios (runs, machines, backends)."""
     from .compare import compare_files
-    from .report import write_text
+    from compress.rundir import atomic_write_text
 
     text = compare_files(a, b, a_backend, b_backend)
     if out is not None:
-        write_text(out, text)
+        atomic_write_text(out, text)
     typer.echo(text, nl=False)
 
 

@@ -4,7 +4,6 @@ The same functions write ``compress run``'s closing report (``RUN_DIR/report.md`
 ``RUN_DIR/pareto.png``) and the deeper ``bench models`` report."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -203,24 +202,12 @@ def steps_table(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_json(doc: dict[str, Any], path: Path) -> None:
-    atomic_write_json(path, doc)
-
-
-def load_results(path: Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
-
-
 def noisy_note() -> str:
     return (f"Latency is timed after warm-up, steps interleaved (A, B, A, B, ...) in one process; the speed-up band is "
             f"the 10th-90th percentile of per-round ratios. Rows marked noisy have (p90 - p10) / p50 > {NOISY_SPREAD:.0%}. "
             "ONNX Runtime sessions run with intra-op thread spinning off, as the service runs them (idle threads "
             "sleep instead of busy-waiting): on CPU this adds a wake-up cost per operator, which weighs most on "
             "the smallest models.\n")
-
-
-def write_text(path: Path, text: str) -> None:
-    atomic_write_text(path, text)
 
 
 # --- the full `bench models` report -------------------------------------------------------------
@@ -293,7 +280,7 @@ def write_models_report(doc: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     """``results.json``, ``report.md`` and the PNG plots of one ``bench models`` run."""
     out_dir = Path(out_dir)
     files = {"results": out_dir / "results.json", "report": out_dir / "report.md"}
-    write_json(doc, files["results"])
+    atomic_write_json(files["results"], doc)
     groups = _groups(doc)
     first_batch = min(doc["settings"]["batch_sizes"])
     for backend, precision in groups:
@@ -327,7 +314,7 @@ def write_models_report(doc: dict[str, Any], out_dir: Path) -> dict[str, Path]:
               "them or picks slower kernels); prune with `round_to=8` to avoid them. The image input's 3 channels are "
               "exempt.", "", hints_table(doc), "## Machine", "", machine_markdown(doc["machine"]), "## Settings", "",
               "- " + ", ".join(f"{k}: {v}" for k, v in doc["settings"].items()), ""]
-    write_text(files["report"], "\n".join(parts))
+    atomic_write_text(files["report"], "\n".join(parts))
     return files
 
 
@@ -393,7 +380,7 @@ def write_serve_report(doc: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     """``results.json``, ``report.md`` and ``load.png`` of one ``bench serve`` run."""
     out_dir = Path(out_dir)
     files = {"results": out_dir / "results.json", "report": out_dir / "report.md", "plot": out_dir / "load.png"}
-    write_json(doc, files["results"])
+    atomic_write_json(files["results"], doc)
     plot_serve(doc, files["plot"])
     settings = doc["settings"]
     models = sorted({m for level in doc["levels"] for m in level.get("models", [])})
@@ -409,5 +396,5 @@ def write_serve_report(doc: dict[str, Any], out_dir: Path) -> dict[str, Path]:
              "## Results", "", "Latency percentiles are those of successful (2xx) answers, measured on the client from "
              "sending the request to reading the whole answer.", "", serve_table(doc), "## Client machine", "",
              machine_markdown(doc["machine"])]
-    write_text(files["report"], "\n".join(parts))
+    atomic_write_text(files["report"], "\n".join(parts))
     return files

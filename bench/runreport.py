@@ -6,9 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from compress.rundir import atomic_write_json, atomic_write_text
+
 from .models_bench import benchmark_run
-from .report import (latency_table, machine_markdown, noisy_note, plot_pareto, recommend_step, select, steps_table,
-                     write_json, write_text)
+from .report import latency_table, machine_markdown, noisy_note, plot_pareto, recommend_step, select, steps_table
 
 
 def write_run_report(run_dir: Path, manifest: dict[str, Any], *, latency_batch: int = 32,
@@ -17,7 +18,7 @@ def write_run_report(run_dir: Path, manifest: dict[str, Any], *, latency_batch: 
     batches = sorted({1, latency_batch})
     doc = benchmark_run(run_dir, backends=("ort-cpu",), batch_sizes=batches, measure_accuracy=False, data=data,
                         rounds=20, min_seconds=2.0, max_seconds=20.0)
-    write_json(doc, run_dir / "report.json")
+    atomic_write_json(run_dir / "report.json", doc)
     plot_pareto(doc, run_dir / "pareto.png", backend="ort-cpu", batch=1)
     recommended = recommend_step(doc, "ort-cpu", 1)
     last = max(s["step"] for s in doc["steps"])
@@ -66,5 +67,5 @@ def write_run_report(run_dir: Path, manifest: dict[str, Any], *, latency_batch: 
         f"- full results: `report.json`; deeper benchmarks: `bench models {run_dir}`",
         "",
     ])
-    write_text(run_dir / "report.md", text)
+    atomic_write_text(run_dir / "report.md", text)
     return summary
