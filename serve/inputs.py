@@ -27,6 +27,22 @@ class BadInput(ValueError):
         self.status = status
 
 
+INLINE_DECODE_PIXELS = 1_000_000
+"""Uploads up to this many pixels in all are decoded on the event loop (well under a
+millisecond each); larger ones in a worker thread, so a big image never stalls the loop."""
+
+
+def header_pixels(data: bytes) -> int:
+    """Pixel count from the image header, without decoding; 0 when the header is unreadable
+    (decoding then fails at once with the right message)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except Exception:
+        return 0
+    return width * height
+
+
 def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, name: str = "image") -> Image.Image:
     """Decode an upload to 8-bit RGB (first frame of animations), or raise :class:`BadInput`.
 
@@ -97,12 +113,12 @@ class Preprocessing:
 
 
 class InputLayout:
-    """How the images of a request travel to the model service as ONE float32 array.
+    """How the images of a request travel to the models as ONE float32 array.
 
     Ensemble members may differ in input size (e.g. a ResNet-18 at 224 px and a ResNet-20 at
     32 px). Each distinct preprocessing is a group; a row of the array is the concatenation
-    of the image preprocessed for every group. One 2-D array keeps the model API batchable
-    (BentoML's adaptive batching concatenates rows from concurrent requests)."""
+    of the image preprocessed for every group. One 2-D array keeps batching simple
+    (the adaptive batcher concatenates the rows of concurrent requests)."""
 
     def __init__(self, preprocessings: Sequence[Preprocessing]) -> None:
         self.groups: list[Preprocessing] = []

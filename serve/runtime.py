@@ -92,8 +92,8 @@ def create_session(path: Path, provider: str, *, threads: int = 0) -> tuple[Any,
     """An ONNX Runtime session and the provider it really runs on (``cuda`` or ``cpu``).
 
     ``provider`` ``auto`` and ``cuda`` try CUDA first; ``cuda`` insists (error if it cannot
-    load), ``auto`` falls back to CPU with a warning. Idle threads do not spin: the HTTP front
-    shares the machine's cores with this process."""
+    load), ``auto`` falls back to CPU with a warning. Idle threads do not spin: the event loop
+    that parses and decodes requests needs the same cores between model calls."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -172,7 +172,7 @@ class Member:
 
 
 class Ensemble:
-    """All members behind the batchable model API: packed rows in, (N, M, C) probabilities out."""
+    """All members behind one predict call: packed rows in, (N, M, C) probabilities out."""
 
     def __init__(self, members: Sequence[Member]) -> None:
         self.members = list(members)

@@ -14,8 +14,8 @@ in a built Bento and in its container (``docker run -e SERVE_MODELS=...``):
 - ``SERVE_MAX_PIXELS``: largest accepted image in pixels (default 40 M; decompression bombs) -> 400.
 - ``SERVE_MAX_FILES``: most images in one ``/classify_batch`` request (default 64) -> 413.
 - ``SERVE_TOP_K``: entries in ``top_k`` (default 5, at most the number of classes).
-- ``SERVE_MAX_BATCH_SIZE`` / ``SERVE_MAX_LATENCY_MS``: adaptive batching limits (default 64 / 20000).
-- ``SERVE_WORKERS``: worker processes of the HTTP front (default 1); the model service runs one.
+- ``SERVE_MAX_BATCH_SIZE``: most rows in one model call of the adaptive batcher (default 64).
+- ``SERVE_WORKERS``: worker processes (default 1), each with its own sessions and batcher.
 - ``SERVE_ACCESS_LOG``: ``off`` (default) or ``on``: one log line per request of the HTTP front
   (measured here: the line costs about a fifth of the CPU throughput; /metrics counts requests anyway).
 """
@@ -77,7 +77,6 @@ class Settings:
     max_files: int = 64
     top_k: int = 5
     max_batch_size: int = 64
-    max_latency_ms: int = 20_000
     workers: int = 1
     access_log: bool = False
 
@@ -94,8 +93,7 @@ class Settings:
             max_pixels=_int(env, "SERVE_MAX_PIXELS", cls.max_pixels),
             max_files=_int(env, "SERVE_MAX_FILES", cls.max_files),
             top_k=_int(env, "SERVE_TOP_K", cls.top_k),
-            max_batch_size=_int(env, "SERVE_MAX_BATCH_SIZE", cls.max_batch_size, minimum=2),
-            max_latency_ms=_int(env, "SERVE_MAX_LATENCY_MS", cls.max_latency_ms),
+            max_batch_size=_int(env, "SERVE_MAX_BATCH_SIZE", cls.max_batch_size),
             workers=_int(env, "SERVE_WORKERS", cls.workers),
             access_log=_choice(env, "SERVE_ACCESS_LOG", ("off", "on", "0", "1", "false", "true")) in ("on", "1", "true"),
         )

@@ -6,6 +6,7 @@ transform and a plain ONNX Runtime session on the run's ONNX file. Pure-function
 voting, preprocessing, decoding and settings sit at the end (no server)."""
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -313,6 +314,7 @@ def test_bad_input_gets_4xx_json_and_the_service_keeps_answering(single: Server,
 
 def test_1000_requests_at_concurrency_16_without_errors(single: Server) -> None:
     images = [_encode(_picture(name, (32, 32), seed), "PNG") for seed, name in enumerate(CLASSES * 4)]
+    before = httpx.get(f"{single.url}/metadata", timeout=30).json()["batching"]
     statuses: list[int] = []
     started = time.perf_counter()
     with httpx.Client(limits=httpx.Limits(max_connections=16), timeout=60) as client:
@@ -327,6 +329,10 @@ def test_1000_requests_at_concurrency_16_without_errors(single: Server) -> None:
     print(f"\n1000 requests at concurrency 16: {elapsed:.1f} s, {1000 / elapsed:.0f} requests/s")
     assert len(statuses) == 1000 and set(statuses) == {200}
     assert elapsed < 120
+    after = httpx.get(f"{single.url}/metadata", timeout=30).json()["batching"]
+    rows, calls = after["rows"] - before["rows"], after["model_calls"] - before["model_calls"]
+    print(f"{rows} images in {calls} model calls")
+    assert rows == 1000 and calls < rows  # concurrent requests shared model calls
 
 
 def test_health_metrics_and_metadata(single: Server, store: Store) -> None:
@@ -416,8 +422,8 @@ def test_bentoml_build_packs_the_service_and_the_models(store: Store, tmp_path: 
 
     info = yaml.safe_load((bento / "bento.yaml").read_text())
     services = {s["name"]: s for s in info["services"]}
-    assert info["entry_service"] == "Classifier" and services["Classifier"]["dependencies"]
-    assert [m["tag"] for m in services["ClassifierModels"]["models"]] == [store.step0, store.step1]
+    assert info["entry_service"] == "Classifier" and list(services) == ["Classifier"]
+    assert [m["tag"] for m in services["Classifier"]["models"]] == [store.step0, store.step1]
     assert {"name": "SERVE_MODELS", "value": f"{store.step0},{store.step1}", "stage": "all"} in info["envs"]
     assert (bento / "src" / "serve" / "service.py").is_file() and (bento / "src" / "compress" / "imaging.py").is_file()
     assert not (bento / "src" / "tests").exists() and not (bento / "src" / "compress" / "training.py").exists()
@@ -438,6 +444,66 @@ def test_bentoml_build_packs_the_service_and_the_models(store: Store, tmp_path: 
 
 
 # --- pure functions (no server) -----------------------------------------------------------------
+
+def test_adaptive_batcher_merges_requests_that_wait_and_returns_each_its_rows() -> None:
+    import threading
+
+    from serve.batching import AdaptiveBatcher
+
+    calls: list[int] = []
+    release = threading.Event()
+
+    def predict(rows: np.ndarray) -> np.ndarray:
+        calls.append(len(rows))
+        if len(calls) == 1:
+            release.wait(5)  # the first call holds the model while the others queue
+        return rows * 10
+
+    batcher = AdaptiveBatcher(predict, max_batch_size=4)
+
+    async def scenario() -> list[np.ndarray]:
+        first = asyncio.ensure_future(batcher(np.array([[1.0]])))
+        await asyncio.sleep(0.05)
+        rest = [asyncio.ensure_future(batcher(np.array([[float(i)], [float(i) + 0.5]]))) for i in range(2, 6)]
+        await asyncio.sleep(0.05)
+        release.set()
+        return await asyncio.gather(first, *rest)
+
+    results = asyncio.run(scenario())
+    assert calls == [1, 4, 4]  # alone at first, then the waiting requests two by two (4 rows each)
+    assert results[0].tolist() == [[10.0]]
+    for i, result in zip(range(2, 6), results[1:]):
+        assert result.tolist() == [[10.0 * i], [10.0 * i + 5.0]]
+    assert batcher.stats() == {"model_calls": 3, "rows": 9, "mean_batch_size": 3.0}
+
+
+def test_adaptive_batcher_splits_large_requests_and_survives_a_failing_call() -> None:
+    from serve.batching import AdaptiveBatcher
+
+    sizes: list[int] = []
+
+    def predict(rows: np.ndarray) -> np.ndarray:
+        sizes.append(len(rows))
+        if np.isnan(rows).any():
+            raise RuntimeError("model failed")
+        return rows + 1
+
+    batcher = AdaptiveBatcher(predict, max_batch_size=3)
+
+    async def scenario() -> tuple[np.ndarray, BaseException | None, np.ndarray]:
+        big = await batcher(np.arange(7, dtype=np.float32).reshape(7, 1))
+        try:
+            await batcher(np.array([[np.nan]]))
+            failure = None
+        except RuntimeError as exc:
+            failure = exc
+        after = await batcher(np.array([[5.0]]))
+        return big, failure, after
+
+    big, failure, after = asyncio.run(scenario())
+    assert big.ravel().tolist() == [1, 2, 3, 4, 5, 6, 7] and max(sizes[:3]) <= 3
+    assert isinstance(failure, RuntimeError) and after.tolist() == [[6.0]]
+
 
 def test_soft_voting_constructed() -> None:
     from serve.voting import prediction
