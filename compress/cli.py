@@ -77,6 +77,7 @@ LatencyBackend = Annotated[Optional[str], typer.Option(help="Where --target-spee
 Device = Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")]
 Seed = Annotated[Optional[int], typer.Option(help="Random seed.")]
 Workers = Annotated[Optional[int], typer.Option(help="DataLoader worker processes (default: auto).")]
+DataOnDevice = Annotated[Optional[str], typer.Option(help="Hold the images as tensors on the training device and augment them there: auto (on a CUDA device when they fit), on or off.")]
 TrustPickle = Annotated[Optional[bool], typer.Option("--trust-pickle", help="Allow loading pickled (code-carrying) model files.")]
 ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="YAML file of options; flags override it.")]
 Force = Annotated[bool, typer.Option("--force", help="Start over if --out holds a run made with other options.")]
@@ -116,8 +117,8 @@ def run(data: Data = None, out: Out = None, arch: Arch = None, weights: Weights 
         distill_weight: DistillWeight = None, distill_temperature: DistillTemperature = None,
         export_fp16: ExportFp16 = None, parity_tolerance: ParityTolerance = None, latency_batch: LatencyBatch = None,
         target_speedup: TargetSpeedup = None, latency_backend: LatencyBackend = None, device: Device = None,
-        seed: Seed = None, workers: Workers = None, trust_pickle: TrustPickle = None, config_file: ConfigFile = None,
-        force: Force = False) -> None:
+        seed: Seed = None, workers: Workers = None, data_on_device: DataOnDevice = None,
+        trust_pickle: TrustPickle = None, config_file: ConfigFile = None, force: Force = False) -> None:
     """Fine-tune, prune in steps with retraining, export each step to ONNX, report. Resumable."""
     run_ = _open(dict(locals()))
     from .pipeline import console, run_all

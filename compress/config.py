@@ -21,7 +21,8 @@ SCHEDULES = ("cosine", "step")
 DEVICES = ("auto", "cpu", "cuda")
 LATENCY_BACKENDS = ("ort-cpu", "ort-cuda", "torch")
 # Options that change how a run executes but not what it computes: they may differ on resume.
-EXECUTION_ONLY = ("device", "workers", "trust_pickle")
+EXECUTION_ONLY = ("device", "workers", "data_on_device", "trust_pickle")
+DATA_ON_DEVICE = ("auto", "on", "off")
 
 
 @dataclass
@@ -76,6 +77,7 @@ class RunConfig:
     device: str = "auto"
     seed: int = 0
     workers: int | None = None
+    data_on_device: str = "auto"  # hold the images as tensors on the device, augment there (auto: on CUDA when they fit)
     trust_pickle: bool = False
 
     @classmethod
@@ -113,6 +115,7 @@ class RunConfig:
             (self.balance in BALANCE, f"--balance must be one of {', '.join(BALANCE)}"),
             (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}"),
             (self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}"),
+            (self.data_on_device in DATA_ON_DEVICE, f"--data-on-device must be one of {', '.join(DATA_ON_DEVICE)}"),
             (self.epochs >= 0, "--epochs must be >= 0"),
             (self.retrain_epochs >= 0, "--retrain-epochs must be >= 0"),
             (self.batch_size >= 1, "--batch-size must be >= 1"),

@@ -19,7 +19,7 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -72,6 +72,7 @@ class Run:
     manifest: dict[str, Any]
     data: DataBundle
     device: torch.device
+    _training_loaders: tuple[Any, Any] | None = field(default=None, init=False, repr=False)
 
     # --- bookkeeping -------------------------------------------------------------------------
     def save(self) -> None:
@@ -89,12 +90,38 @@ class Run:
     def preprocessing(self) -> Preprocessing:
         return self.data.preprocessing
 
+    def _workers(self) -> int:
+        if self.config.workers is not None:
+            return self.config.workers
+        # in-memory data needs no worker processes
+        return 0 if self.data.layout == "embedded" else min(4, max(1, (os.cpu_count() or 1) - 1))
+
     def loaders(self) -> tuple[Any, Any]:
-        workers = self.config.workers
-        if workers is None:  # in-memory data needs no worker processes
-            workers = 0 if self.data.layout == "embedded" else min(4, max(1, (os.cpu_count() or 1) - 1))
+        """DataLoaders of CPU tensors (export, parity checks and measurements take these)."""
         return make_loaders(self.data, batch_size=self.config.batch_size, balance=self.config.balance,
-                            seed=self.config.seed, workers=workers, pin_memory=self.device.type == "cuda")
+                            seed=self.config.seed, workers=self._workers(), pin_memory=self.device.type == "cuda")
+
+    @property
+    def data_on_device(self) -> bool:
+        from .device_data import use_device_data
+
+        return use_device_data(self.config.data_on_device, self.data, self.device)
+
+    def training_loaders(self) -> tuple[Any, Any]:
+        """Loaders for training and evaluation: with ``--data-on-device`` the images decoded
+        once onto the device (kept for the whole command), else ``loaders()``."""
+        if not self.data_on_device:
+            return self.loaders()
+        if self._training_loaders is None:
+            from .device_data import device_loaders
+
+            started = time.perf_counter()
+            self._training_loaders = device_loaders(
+                self.data, self.config.augmentation(), self.device, batch_size=self.config.batch_size,
+                balance=self.config.balance, seed=self.config.seed, workers=self._workers())
+            console.print(f"[dim]data held on {self.device}: {len(self.data.train_labels)} + "
+                          f"{len(self.data.val_labels)} images decoded in {time.perf_counter() - started:.1f} s[/]")
+        return self._training_loaders
 
     def class_weight(self) -> torch.Tensor | None:
         if self.config.balance != "weights":
@@ -187,7 +214,7 @@ def finetune(run: Run) -> None:
         console.print(f"[dim]step 0 already finished: accuracy {run.step_entry(0)['accuracy']:.4f}[/]")
         return
     config = run.config
-    train_loader, val_loader = run.loaders()
+    train_loader, val_loader = run.training_loaders()
     if config.model is not None:
         model, meta = models.load_checkpoint(Path(config.model), trust_pickle=config.trust_pickle)
         if meta.get("classes") not in (None, run.data.classes):
@@ -208,7 +235,7 @@ def finetune(run: Run) -> None:
     run.manifest["stages"]["finetune"] = {
         "weights": weights, "settings": settings.__dict__, "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run, "stopped_early": result.stopped_early, "history": result.history,
-        "seconds": round(time.perf_counter() - started, 1),
+        "seconds": round(time.perf_counter() - started, 1), "device": str(run.device), "data_on_device": run.data_on_device,
     }
     _record_step(run, 0, model.cpu(), result.best_accuracy, {"source": "finetune"})
     console.print(f"step 0 (fine-tuned): val accuracy {result.best_accuracy:.4f}")
@@ -234,7 +261,7 @@ def prune_step(run: Run, step: int) -> None:
         prune_info["target_macs"] = target
         models.save_checkpoint(pruned_path, model, arch=config.arch, stem=config.stem, classes=run.data.classes,
                                extra={"step": step, "prune": prune_info})
-    train_loader, val_loader = run.loaders()
+    train_loader, val_loader = run.training_loaders()
     accuracy_before = evaluate(model.to(run.device), val_loader, run.device)
     teacher = run.load_step_model(0) if config.distill_weight > 0 else None
     started = time.perf_counter()
@@ -244,7 +271,7 @@ def prune_step(run: Run, step: int) -> None:
     _record_step(run, step, model.cpu(), result.best_accuracy, {
         "source": "prune", "prune": prune_info, "accuracy_before_retrain": accuracy_before,
         "retrain": {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "history": result.history,
-                    "seconds": round(time.perf_counter() - started, 1)},
+                    "seconds": round(time.perf_counter() - started, 1), "data_on_device": run.data_on_device},
     })
     entry = run.step_entry(step)
     console.print(f"step {step}: MACs {entry['macs'] / base['macs']:.1%} of step 0, accuracy "
@@ -391,7 +418,7 @@ def sensitivity(run: Run, *, step: int = 0, ratios: tuple[float, ...] | None = N
     from . import sensitivity as sens
 
     model = run.load_step_model(step)
-    _, val_loader = run.loaders()
+    _, val_loader = run.training_loaders()
     ratios = ratios or sens.DEFAULT_RATIOS
     groups = sens.prunable_groups(model, run.preprocessing.input_size, run.config.scope)
     with Progress(console=console) as progress:

@@ -109,7 +109,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> floa
             images = images.to(memory_format=torch.channels_last)
         with torch.autocast(device.type, enabled=device.type == "cuda"):
             logits = model(images)
-        correct += (logits.argmax(1).cpu() == labels).sum().item()
+        correct += (logits.argmax(1) == labels.to(logits.device)).sum().item()
         total += labels.numel()
     return correct / max(total, 1)
 
@@ -121,7 +121,8 @@ def _distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, criterion: nn.Module,
                     device: torch.device, scaler: torch.amp.GradScaler, settings: TrainSettings,
-                    teacher: nn.Module | None, progress: Progress, task: Any) -> tuple[float, float]:
+                    teacher: nn.Module | None, progress: Progress, task: Any) -> tuple[float, float, int]:
+    """One pass over ``loader``: mean loss, accuracy and the number of images trained on."""
     model.train()
     use_amp = settings.amp and device.type == "cuda"
     loss_sum = correct = seen = 0.0
@@ -148,7 +149,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         correct += (logits.argmax(1) == labels).sum().item()
         seen += batch
         progress.update(task, advance=1, loss=loss_sum / seen, acc=correct / seen)
-    return loss_sum / max(seen, 1), correct / max(seen, 1)
+    return loss_sum / max(seen, 1), correct / max(seen, 1), int(seen)
 
 
 def make_progress() -> Progress:
@@ -199,11 +200,11 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, sett
             task = progress.add_task(f"{label} {epoch + 1}/{settings.epochs} {phase}", total=len(train_loader),
                                      loss=0.0, acc=0.0, note="head only" if frozen else "")
             epoch_started = time.perf_counter()
-            train_loss, train_acc = train_one_epoch(model, train_loader, optimizer, criterion, device, scaler,
+            train_loss, train_acc, images = train_one_epoch(model, train_loader, optimizer, criterion, device, scaler,
                                                     settings, teacher, progress, task)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            images_per_second = len(train_loader.sampler) / max(time.perf_counter() - epoch_started, 1e-9)
+            images_per_second = images / max(time.perf_counter() - epoch_started, 1e-9)
             scheduler.step()
             accuracy = evaluate(model, val_loader, device)
             history.append({"epoch": epoch, "phase": phase, "lr": optimizer.param_groups[0]["lr"],
