@@ -10,11 +10,11 @@ import subprocess
 import sys
 import threading
 import warnings
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator
 
-import httpx
 import numpy as np
 import onnx
 import pytest
@@ -208,6 +208,7 @@ class _Handler(BaseHTTPRequestHandler):
     drop* -> closes the connection without an answer, anything else -> 200 JSON."""
 
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out as two writes: no 40 ms delayed-ACK stall between them
 
     def log_message(self, *args: object) -> None:
         pass
@@ -234,15 +235,24 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[str]:
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+@contextmanager
+def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A threaded HTTP server on a free loopback port; yields its base URL."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     httpd.daemon_threads = True
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    with serving(_Handler) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -285,19 +295,62 @@ def test_serve_stops_at_the_duration(server: str, images: Path) -> None:
     assert level["by_status"] == {"200": level["requests"]}
 
 
-def test_serve_latency_percentiles_on_a_fake_clock() -> None:
+def test_serve_latency_percentiles_on_a_fake_clock(images: Path) -> None:
+    """A real server moves the client's fake clock by a known latency before each answer, so
+    percentiles and rates are exact; the error answers mixed in must count in ``latency_all``
+    only, not in the latency of successful answers."""
     clock = FakeClock()
-    latencies = iter([i / 1000 for i in range(1, 101)])
+    latencies = iter([i / 1000 for i in range(1, 201)])  # 1..200 ms, in the order the requests arrive
+    seen: list[str] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        clock.now += next(latencies)
-        return httpx.Response(200, json={"model": "m"})
+    class ClockHandler(_Handler):
+        def _answer(self, status: int, payload: dict[str, Any]) -> None:
+            clock.now += next(latencies)
+            seen.append(self.headers["Content-Type"])
+            super()._answer(status, payload)
 
-    doc = run_sweep("http://127.0.0.1:9/classify", [Payload("a.png", b"x", "image/png")], [1], requests=100,
-                    duration=1e9, warmup=0, timer=clock, transport=httpx.MockTransport(handler), preflight=False)
+    payloads = [Payload(name, (images / name).read_bytes(), "image/png") for name in ("ok.png", "bad.png")]
+    with serving(ClockHandler) as url:
+        # one worker: requests alternate ok, bad, ok, ... and each one's latency is the next in the list
+        doc = run_sweep(f"{url}/classify", payloads, [1], requests=200, duration=1e9, warmup=0, timer=clock,
+                        preflight=False)
     level = doc["levels"][0]
-    assert level["latency"]["p50_ms"] == pytest.approx(50.5) and level["latency"]["p99_ms"] == pytest.approx(99.01)
-    assert level["elapsed_s"] == pytest.approx(5.050) and level["requests_per_s"] == pytest.approx(100 / 5.05)
+    assert level["by_status"] == {"200": 100, "400": 100} and level["connection_errors"] == {}
+    assert level["stopped_by"] == "requests" and level["models"] == ["fake:v1"]
+    # the successful answers took 1, 3, 5, ..., 199 ms; all answers 1..200 ms
+    assert level["latency"]["samples"] == 100 and level["latency_all"]["samples"] == 200
+    assert level["latency"]["min_ms"] == pytest.approx(1.0) and level["latency"]["p50_ms"] == pytest.approx(100.0)
+    assert level["latency"]["p99_ms"] == pytest.approx(197.02)
+    assert level["latency_all"]["p50_ms"] == pytest.approx(100.5) and level["latency_all"]["p99_ms"] == pytest.approx(198.01)
+    assert level["elapsed_s"] == pytest.approx(20.1) and level["requests_per_s"] == pytest.approx(200 / 20.1)
+    assert level["ok_per_s"] == pytest.approx(100 / 20.1)
+    # one multipart encoding per payload, reused: the boundary never changes between requests of an image
+    assert len(seen) == 200 and len(set(seen)) == 2 and all(h.startswith("multipart/form-data; boundary=") for h in seen)
+    assert doc["settings"]["client"].startswith("aiohttp ")
+
+
+def test_serve_counts_timeouts_by_exception_name(images: Path) -> None:
+    release = threading.Event()
+
+    class SlowHandler(_Handler):
+        def _answer(self, status: int, payload: dict[str, Any]) -> None:
+            release.wait(10)  # answers only after the client's 0.1 s timeout has long passed
+            try:
+                super()._answer(status, payload)
+            except OSError:  # the client has closed the connection
+                pass
+
+    payloads = [Payload("ok.png", (images / "ok.png").read_bytes(), "image/png")]
+    with serving(SlowHandler) as url:
+        try:
+            doc = run_sweep(f"{url}/classify", payloads, [2], requests=4, duration=30, timeout=0.1, warmup=0,
+                            preflight=False)
+        finally:
+            release.set()
+    level = doc["levels"][0]
+    assert level["requests"] == 4 and level["by_status"] == {} and level["connection_errors"] == {"TimeoutError": 4}
+    assert level["ok"] == 0 and level["errors"] == 4 and level["latency"] is None
+    assert 90 <= level["latency_all"]["min_ms"] and level["latency_all"]["p99_ms"] < 1000  # cut at the timeout
 
 
 def test_check_target_accepts_loopback_only_unless_allowed() -> None:
