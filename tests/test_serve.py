@@ -64,10 +64,19 @@ def store(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Store:
                  register(other, step=1, name="fruit", bentoml_home=home), tiny_run)
 
 
+_PORTS_GIVEN: set[int] = set()
+
+
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free localhost port not given to another server of this session: servers start
+    together, and the kernel may offer a port again once the probing socket is closed."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _PORTS_GIVEN:
+            _PORTS_GIVEN.add(port)
+            return port
 
 
 def _children(pid: int) -> list[int]:
