@@ -62,6 +62,7 @@ def _member_tags(settings: Settings) -> tuple[str, ...]:
     a newer version of a ``name``-only tag is registered while the service starts."""
     return TAGS or settings.require_models()
 
+
 ENVS = [{"name": "SERVE_MODELS", "value": ",".join(TAGS)}] if TAGS else []
 
 
