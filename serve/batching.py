@@ -13,6 +13,7 @@ with the hop, about 450 without it (``bench results/cpu-2core-digits``)."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -53,9 +54,12 @@ class AdaptiveBatcher:
 
     async def _submit(self, rows: np.ndarray) -> np.ndarray:
         loop = asyncio.get_running_loop()
-        if self._wakeup is None or self._worker is None or self._worker.done():
+        if self._worker is None or self._worker.done() or self._worker.get_loop() is not loop:
             self._wakeup = asyncio.Event()
-            self._worker = loop.create_task(self._serve(self._wakeup), name="adaptive-batcher")
+            # a fresh context: the worker outlives the request that happened to start it
+            self._worker = loop.create_task(self._serve(self._wakeup), name="adaptive-batcher",
+                                            context=contextvars.Context())
+        assert self._wakeup is not None
         future: asyncio.Future[np.ndarray] = loop.create_future()
         self._pending.append((rows, future))
         self._wakeup.set()
@@ -88,12 +92,15 @@ class AdaptiveBatcher:
             try:
                 stacked = batch[0][0] if len(batch) == 1 else np.concatenate([rows for rows, _ in batch], axis=0)
                 results = await loop.run_in_executor(self._executor, self.predict, stacked)
+                if len(results) != len(stacked):
+                    raise RuntimeError(f"the model returned {len(results)} rows for {len(stacked)}")
             except Exception as exc:  # the callers answer 500; the batcher keeps serving
                 logger.exception("model call failed for a batch of %d request(s)", len(batch))
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
+                _fail(batch, exc)
                 continue
+            except BaseException as exc:  # cancelled (the loop is shutting down): nobody is left waiting
+                _fail(batch, exc)
+                raise
             self.batches += 1
             self.rows += len(stacked)
             start = 0
@@ -105,3 +112,17 @@ class AdaptiveBatcher:
     def stats(self) -> dict[str, float]:
         return {"model_calls": self.batches, "rows": self.rows,
                 "mean_batch_size": round(self.rows / self.batches, 2) if self.batches else 0.0}
+
+
+def _fail(batch: list[tuple[np.ndarray, asyncio.Future[np.ndarray]]], exc: BaseException) -> None:
+    """Fail every request of ``batch`` still waiting, each with its own exception (one shared
+    object would collect every caller's traceback)."""
+    for _, future in batch:
+        if future.done():
+            continue
+        if isinstance(exc, asyncio.CancelledError):
+            future.cancel()
+        else:
+            error = RuntimeError(f"model call failed: {exc}")
+            error.__cause__ = exc
+            future.set_exception(error)

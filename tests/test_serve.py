@@ -484,6 +484,8 @@ def test_adaptive_batcher_merges_requests_that_wait_and_returns_each_its_rows() 
     for i, result in zip(range(2, 6), results[1:]):
         assert result.tolist() == [[10.0 * i], [10.0 * i + 5.0]]
     assert batcher.stats() == {"model_calls": 3, "rows": 9, "mean_batch_size": 3.0}
+    # a new event loop (its worker task died with the old one) is served by a new worker
+    assert asyncio.run(asyncio.wait_for(batcher(np.array([[2.0]])), 5)).tolist() == [[20.0]]
 
 
 def test_adaptive_batcher_splits_large_requests_and_survives_a_failing_call() -> None:
