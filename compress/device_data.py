@@ -100,7 +100,9 @@ class DeviceAugmentation:
         theta = torch.stack([torch.stack([width * cos * flip, -height * sin, centre_x], 1),
                              torch.stack([width * sin * flip, height * cos, centre_y], 1)], 1)
         grid = F.affine_grid(theta, [batch, 3, size, size], align_corners=False)
-        pixels = F.grid_sample(images.float() / 255.0, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        # "border": a crop touching the image edge must not blend in black (rotated corners then
+        # repeat the edge pixels, where torchvision's RandomRotation fills black)
+        pixels = F.grid_sample(images.float() / 255.0, grid, mode="bilinear", padding_mode="border", align_corners=False)
         if aug.color_jitter > 0:
             pixels = _colour_jitter(pixels, aug.color_jitter, uniform)
         return _normalise(pixels, self.preprocessing)
@@ -141,8 +143,15 @@ class DeviceLoader:
         self.shuffle = shuffle
         self.sample_weights = sample_weights
         self.drop_last = drop_last
-        self.order_generator = torch.Generator().manual_seed(seed)
-        self.augment_generator = torch.Generator(device=images.device).manual_seed(seed)
+        self.order_generator = torch.Generator()
+        self.augment_generator = torch.Generator(device=images.device)
+        self.reseed(seed)
+
+    def reseed(self, seed: int) -> None:
+        """Restart the random order and augmentation draws (each training stage starts from
+        the seed, as DataLoaders made afresh do, so a resumed run draws what a straight one does)."""
+        self.order_generator.manual_seed(seed)
+        self.augment_generator.manual_seed(seed)
 
     def __len__(self) -> int:
         count = len(self.labels)

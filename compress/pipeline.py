@@ -121,6 +121,8 @@ class Run:
                 balance=self.config.balance, seed=self.config.seed, workers=self._workers())
             console.print(f"[dim]data held on {self.device}: {len(self.data.train_labels)} + "
                           f"{len(self.data.val_labels)} images decoded in {time.perf_counter() - started:.1f} s[/]")
+        for loader in self._training_loaders:
+            loader.reseed(self.config.seed)
         return self._training_loaders
 
     def class_weight(self) -> torch.Tensor | None:
