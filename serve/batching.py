@@ -8,8 +8,8 @@ and shrink again when it falls.
 
 Why not a second BentoML service with a ``batchable=True`` API (what this replaced): its
 extra HTTP hop per request (serialize, Unix socket, parse, dispatch) cost more CPU than the
-model. Measured on 2 CPU cores with the digits demo model at concurrency 16: 240 requests/s
-with the hop, about 450 without it (``bench results/cpu-2core-digits``)."""
+model. Measured on 2 CPU cores with the digits demo model at concurrency 16: 265 requests/s
+with the hop, 557 without it (``bench/results/cpu-2core-serve``)."""
 from __future__ import annotations
 
 import asyncio

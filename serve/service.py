@@ -22,8 +22,8 @@ import bentoml
 import numpy as np
 from starlette.responses import JSONResponse
 
-from serve.guard import UploadGuard, UploadRule
 from serve.batching import AdaptiveBatcher
+from serve.guard import UploadGuard, UploadRule
 from serve.inputs import INLINE_DECODE_PIXELS, BadInput, decode_image, header_pixels
 from serve.runtime import Ensemble, check_classes, load_card
 from serve.settings import ConfigError, Settings
@@ -128,9 +128,8 @@ class Classifier:
 
     @bentoml.api(route="/classify_batch")
     async def classify_batch(self, images: list[Path]) -> list[dict[str, Any]]:
-        """Classify several images (repeated field ``images``): one answer per image, in order."""
-        if len(images) > self.settings.max_files:
-            return _bad_input(BadInput(f"{len(images)} images, over the limit of {self.settings.max_files}", 413))  # type: ignore[return-value]
+        """Classify several images (repeated field ``images``): one answer per image, in order.
+        ``UploadGuard`` has already refused more than ``SERVE_MAX_FILES`` of them (413)."""
         try:
             rows = await self._rows(list(images), [f"images[{index}]" for index in range(len(images))])
         except BadInput as exc:
