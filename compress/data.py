@@ -270,6 +270,12 @@ def class_weights(labels: Sequence[int], num_classes: int) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
+def balanced_sample_weights(bundle: DataBundle) -> torch.Tensor:
+    """One weight per training image (its class's inverse frequency): drawing by these
+    weights (``--balance sampler``) visits every class equally often."""
+    return class_weights(bundle.train_labels, len(bundle.classes))[torch.tensor(bundle.train_labels)]
+
+
 def make_loaders(bundle: DataBundle, *, batch_size: int, balance: str, seed: int, workers: int,
                  pin_memory: bool = False) -> tuple[DataLoader, DataLoader]:
     """Train loader (shuffled, or a class-balanced sampler for ``balance='sampler'``) and an
@@ -277,8 +283,7 @@ def make_loaders(bundle: DataBundle, *, batch_size: int, balance: str, seed: int
     generator = torch.Generator().manual_seed(seed)
     sampler = None
     if balance == "sampler":
-        per_class = class_weights(bundle.train_labels, len(bundle.classes))
-        weights = per_class[torch.tensor(bundle.train_labels)]
+        weights = balanced_sample_weights(bundle)
         sampler = WeightedRandomSampler(weights.double(), num_samples=len(weights), replacement=True, generator=generator)
     common: dict[str, Any] = {"num_workers": workers, "pin_memory": pin_memory, "persistent_workers": workers > 0}
     train = DataLoader(bundle.train, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,

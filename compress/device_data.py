@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms
 
-from .data import Augmentation, DataBundle, Preprocessing, class_weights
+from .data import Augmentation, DataBundle, Preprocessing, balanced_sample_weights
 
 AUTO_MAX_BYTES = 4 * 1024**3
 """``--data-on-device auto`` holds the data on a CUDA device when the stored images take at
@@ -64,7 +64,7 @@ def decode_all(dataset: Dataset, size: int, crop: int, *, workers: int, batch_si
     as one (N, 3, crop, crop) uint8 tensor; decoded once, in ``workers`` processes."""
     store = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(crop), transforms.PILToTensor()])
     loader = DataLoader(_with_transform(dataset, store), batch_size=batch_size, shuffle=False, num_workers=workers)
-    return torch.cat([images for images, _ in loader]) if len(loader) else torch.empty(0, 3, crop, crop, dtype=torch.uint8)
+    return torch.cat([images for images, _ in loader])
 
 
 @dataclass(frozen=True)
@@ -123,9 +123,8 @@ def _colour_jitter(pixels: torch.Tensor, strength: float, uniform: Any) -> torch
 
 
 def _normalise(pixels: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
-    mean = torch.tensor(pre.mean, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(pre.std, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1)
-    return (pixels - mean) / std
+    """torchvision's ``Normalize`` (it takes a batch as it takes one image)."""
+    return transforms.functional.normalize(pixels, list(pre.mean), list(pre.std))
 
 
 class DeviceLoader:
@@ -185,9 +184,7 @@ def device_loaders(bundle: DataBundle, augmentation: Augmentation, device: torch
     pre = bundle.preprocessing
     train_images = decode_all(bundle.train, pre.resize, pre.resize, workers=workers).to(device)
     val_images = decode_all(bundle.val, pre.resize, pre.input_size, workers=workers).to(device)
-    weights = None
-    if balance == "sampler":
-        weights = class_weights(bundle.train_labels, len(bundle.classes))[torch.tensor(bundle.train_labels)]
+    weights = balanced_sample_weights(bundle) if balance == "sampler" else None
     train = DeviceLoader(train_images, bundle.train_labels, pre, batch_size=batch_size,
                          augmentation=DeviceAugmentation(augmentation, pre), shuffle=True, sample_weights=weights,
                          drop_last=len(bundle.train_labels) > batch_size, seed=seed)
