@@ -89,10 +89,12 @@ def models(
     min_seconds: Annotated[float, typer.Option(help="Keep timing a (backend, batch) group at least this long.")] = 1.0,
     max_seconds: Annotated[float, typer.Option(help="Stop timing a (backend, batch) group after this long.")] = 8.0,
     accuracy: Annotated[bool, typer.Option("--accuracy/--no-accuracy", help="Measure validation accuracy through each backend.")] = True,
+    precisions: Annotated[Optional[str], typer.Option(help="Comma-separated precision variants to measure (default: every variant the run has).")] = None,
 ) -> None:
-    """Latency (p50/p90/p95/p99, mean), throughput and accuracy of every step of a run, per backend and batch
-    size; speed-ups against step 0 measured interleaved in the same run."""
-    from .backends import check_options
+    """Latency (p50/p90/p95/p99, mean), throughput and accuracy of every step and precision variant of a run,
+    per backend and batch size; speed-ups against step 0 fp32 measured interleaved in the same run."""
+    from compress.backends import check_options
+    from compress.runtime.precisions import parse_precisions
 
     backend_list, batch_list = parse_names(backends), parse_ints(batch_sizes, "--batch-sizes")
     step_list = parse_ints(steps, "--steps", minimum=0) if steps is not None else None
@@ -101,12 +103,16 @@ def models(
         raise UsageError("--warmup must be >= 0, --rounds >= 1, --min-seconds >= 0 and --max-seconds > 0")
     if not run_dir.is_dir():
         raise UsageError(f"run directory not found: {run_dir}")
-    from .models_bench import benchmark_run  # torch, onnxruntime: imported once the options are known good
+    try:
+        precision_list = list(parse_precisions(precisions)) if precisions is not None else None
+    except ValueError as exc:
+        raise UsageError(f"--precisions: {exc}") from None
+    from compress.latency import benchmark_run  # torch, onnxruntime: imported once the options are known good
     from .report import write_models_report
 
     doc = benchmark_run(run_dir, backends=backend_list, batch_sizes=batch_list, threads=threads, steps=step_list,
                         warmup=warmup, rounds=rounds, min_seconds=min_seconds, max_seconds=max_seconds,
-                        measure_accuracy=accuracy)
+                        measure_accuracy=accuracy, precisions=precision_list)
     files = write_models_report(doc, output_dir(out, run_dir / "bench"))
     if not doc["results"]:  # every backend asked for was skipped: say so, as `compress --device cuda` would
         reasons = "; ".join(f"{s['backend']} {s['precision']}: {s['reason']}" for s in doc["skipped"])

@@ -33,8 +33,8 @@ import httpx
 
 from compress.errors import UsageError
 
-from .machine import load_average, machine_info
-from .measure import Timer, summarize
+from compress.runtime.machine import load_average, machine_info
+from compress.runtime.timing import Timer, summarize
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MAX_IMAGES = 2000

@@ -1,87 +1,20 @@
-"""Reports of ``bench models`` results: Markdown tables and PNG plots.
-
-The same functions write ``compress run``'s closing report (``RUN_DIR/report.md`` and
-``RUN_DIR/pareto.png``) and the deeper ``bench models`` report."""
+"""Reports of ``bench models`` and ``bench serve`` results: Markdown and PNG plots. The parts
+shared with ``compress run``'s closing report (Pareto plane, latency and step tables, the
+recommendation) live in ``compress.render``."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from compress.render import (RECOMMEND_WITHIN, fmt_speedup, latency_table, machine_markdown, noisy_note,  # noqa: E402
+                             plot_pareto, recommend, select, steps_table, variants_table)
 from compress.rundir import atomic_write_json, atomic_write_text, atomic_write_with  # noqa: E402
-
-from .measure import FEW_SAMPLES, NOISY_SPREAD  # noqa: E402
-
-RECOMMEND_WITHIN = 0.01  # recommended step: the fastest one within 1 point of step 0's accuracy
-
-
-def pareto_front(points: Sequence[tuple[float, float]]) -> set[int]:
-    """Indices of points not dominated by another (lower-or-equal latency and higher-or-equal
-    accuracy, one of them strictly)."""
-    front = set()
-    for i, (lat_i, acc_i) in enumerate(points):
-        dominated = any((lat_j <= lat_i and acc_j >= acc_i) and (lat_j < lat_i or acc_j > acc_i)
-                        for j, (lat_j, acc_j) in enumerate(points) if j != i)
-        if not dominated:
-            front.add(i)
-    return front
-
-
-def select(results: Iterable[dict[str, Any]], **match: Any) -> list[dict[str, Any]]:
-    return [r for r in results if all(r.get(k) == v for k, v in match.items())]
-
-
-def step_accuracy(doc: dict[str, Any], step: int, backend: str | None = None) -> float:
-    """Accuracy measured through ``backend`` when available, else the manifest's."""
-    if backend:
-        measured = [r["accuracy"] for r in select(doc["results"], step=step, backend=backend) if r.get("accuracy") is not None]
-        if measured:
-            return measured[0]
-    return next(s["accuracy"] for s in doc["steps"] if s["step"] == step)
-
-
-def recommend_step(doc: dict[str, Any], backend: str, batch: int, precision: str = "fp32") -> int | None:
-    """The fastest step (by median latency) whose accuracy is within 1 point of step 0's."""
-    rows = select(doc["results"], backend=backend, batch=batch, precision=precision)
-    if not rows:
-        return None
-    base = step_accuracy(doc, 0, backend)
-    good = [r for r in rows if step_accuracy(doc, r["step"], backend) >= base - RECOMMEND_WITHIN]
-    return min(good, key=lambda r: r["latency"]["p50_ms"])["step"] if good else 0
-
-
-def plot_pareto(doc: dict[str, Any], path: Path, *, backend: str, batch: int, precision: str = "fp32") -> None:
-    """Accuracy vs median latency, one point per step, Pareto-optimal steps marked."""
-    rows = sorted(select(doc["results"], backend=backend, batch=batch, precision=precision), key=lambda r: r["step"])
-    points = [(r["latency"]["p50_ms"], step_accuracy(doc, r["step"], backend)) for r in rows]
-    front = pareto_front(points)
-
-    def draw(tmp: Path) -> None:
-        fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
-        xs, ys = [p[0] for p in points], [p[1] * 100 for p in points]
-        ax.plot(xs, ys, color="0.75", zorder=1)
-        for i, row in enumerate(rows):
-            on_front = i in front
-            ax.scatter(xs[i], ys[i], s=70 if on_front else 40, zorder=2, color="tab:red" if on_front else "tab:blue",
-                       edgecolor="black" if on_front else "none")
-            macs = next(s["macs_ratio"] for s in doc["steps"] if s["step"] == row["step"])
-            ax.annotate(f"step {row['step']}\n{macs:.0%} MACs", (xs[i], ys[i]), textcoords="offset points",
-                        xytext=(6, 4), fontsize=8)
-        ax.margins(x=0.12, y=0.18)  # room for the step labels at the edges
-        ax.set_xlabel(f"median latency, ms ({backend}, {precision}, batch {batch})")
-        ax.set_ylabel("top-1 accuracy, %")
-        ax.set_title("Accuracy vs latency (red: Pareto-optimal)")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(tmp, format="png")
-        plt.close(fig)
-
-    atomic_write_with(path, draw)
+from compress.runtime.timing import FEW_SAMPLES  # noqa: E402
 
 
 def plot_throughput(doc: dict[str, Any], path: Path) -> None:
@@ -145,71 +78,6 @@ def plot_speedup_vs_macs(doc: dict[str, Any], path: Path) -> None:
     atomic_write_with(path, draw)
 
 
-def _fmt_speedup(row: dict[str, Any]) -> str:
-    if "speedup" not in row:
-        return "-"
-    if row["step"] == 0:
-        return "1.00x (baseline)"
-    low, high = row.get("speedup_band", [None, None])
-    band = f" ({low:.2f}-{high:.2f})" if low is not None and not math.isnan(low) else ""
-    return f"{row['speedup']:.2f}x{band}"
-
-
-def machine_markdown(machine: dict[str, Any]) -> str:
-    gpu = machine.get("gpu")
-    gpu_text = f"{gpu['name']} ({gpu['memory_gib']} GiB, driver {gpu.get('driver')}, CUDA {gpu.get('cuda')})" if gpu else "none"
-    versions = ", ".join(f"{k} {v}" for k, v in machine.get("versions", {}).items())
-    load = machine.get("load_average")
-    load_text = f"- Load average at start (1, 5, 15 min): {', '.join(map(str, load))}\n" if load else ""
-    return (f"- CPU: {machine['cpu']}, {machine['usable_cores']} usable cores, threads: {machine.get('threads') or 'library default'}\n"
-            f"- GPU: {gpu_text}\n- OS: {machine['os']}, host {machine.get('hostname', '?')}\n{load_text}- Versions: {versions}\n")
-
-
-def _notes(row: dict[str, Any]) -> str:
-    lat, notes = row["latency"], []
-    if lat["noisy"]:
-        notes.append(f"noisy (spread {lat['spread']:.0%})")
-    if row.get("speedup_noisy"):
-        notes.append("unstable speed-up")
-    if lat["samples"] < FEW_SAMPLES:
-        notes.append(f"few samples ({lat['samples']})")
-    return "; ".join(notes)
-
-
-def latency_table(doc: dict[str, Any], rows: Sequence[dict[str, Any]] | None = None) -> str:
-    """One row per (backend, precision, batch, step) with percentiles, throughput, speed-up."""
-    lines = ["| backend | precision | batch | step | runs on | accuracy | p50 ms | p90 ms | p95 ms | p99 ms | mean ms | img/s | speed-up vs step 0 (p10-p90 band) | note |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    rows = doc["results"] if rows is None else rows
-    for row in sorted(rows, key=lambda r: (r["backend"], r["precision"], r["batch"], r["step"])):
-        lat = row["latency"]
-        acc = f"{row['accuracy']:.4f}" if row.get("accuracy") is not None else "-"
-        lines.append(f"| {row['backend']} | {row['precision']} | {row['batch']} | {row['step']} | {row['device']} | {acc} | "
-                     f"{lat['p50_ms']:.3f} | {lat['p90_ms']:.3f} | {lat['p95_ms']:.3f} | {lat['p99_ms']:.3f} | "
-                     f"{lat['mean_ms']:.3f} | {lat['throughput']:.0f} | {_fmt_speedup(row)} | {_notes(row)} |")
-    return "\n".join(lines) + "\n"
-
-
-def steps_table(doc: dict[str, Any]) -> str:
-    lines = ["| step | MACs | of step 0 | params | ONNX MB | accuracy (manifest) | parity max abs diff | top-1 agreement |",
-             "|---|---|---|---|---|---|---|---|"]
-    for s in doc["steps"]:
-        parity = s.get("parity") or {}
-        onnx_mb = f"{s['onnx_bytes'] / 1e6:.2f}" if s.get("onnx_bytes") else "-"
-        lines.append(f"| {s['step']} | {s['macs']:,} | {s['macs_ratio']:.1%} | {s['params']:,} | {onnx_mb} | "
-                     f"{s['accuracy']:.4f} | {parity.get('max_abs_diff', float('nan')):.2e} | "
-                     f"{parity.get('top1_agreement', float('nan')):.4f} |")
-    return "\n".join(lines) + "\n"
-
-
-def noisy_note() -> str:
-    return (f"Latency is timed after warm-up, steps interleaved (A, B, A, B, ...) in one process; the speed-up band is "
-            f"the 10th-90th percentile of per-round ratios. Rows marked noisy have (p90 - p10) / p50 > {NOISY_SPREAD:.0%}. "
-            "ONNX Runtime sessions run with intra-op thread spinning off, as the service runs them (idle threads "
-            "sleep instead of busy-waiting): on CPU this adds a wake-up cost per operator, which weighs most on "
-            "the smallest models.\n")
-
-
 # --- the full `bench models` report -------------------------------------------------------------
 
 def _slug(*parts: Any) -> str:
@@ -251,19 +119,21 @@ def noisy_advice(doc: dict[str, Any]) -> str:
 
 
 def summary_table(doc: dict[str, Any]) -> str:
-    """Per (backend, precision, batch): the last step's speed-up, and the recommended step."""
+    """Per (backend, batch, precision): the last step's speed-up against step 0 fp32, and per
+    (backend, batch) the recommended model."""
     last = max(s["step"] for s in doc["steps"])
     macs_ratio = {s["step"]: s["macs_ratio"] for s in doc["steps"]}
-    lines = [f"| backend | precision | batch | step 0 p50 ms | step {last} p50 ms | step {last} speed-up "
-             f"(MACs: {1 / macs_ratio[last]:.2f}x fewer) | recommended step |", "|---|---|---|---|---|---|---|"]
+    lines = [f"| backend | batch | precision | step 0 p50 ms | step {last} p50 ms | step {last} speed-up vs step 0 fp32 "
+             f"(MACs: {1 / macs_ratio[last]:.2f}x fewer) | recommended (step, precision) |", "|---|---|---|---|---|---|---|"]
     for backend, precision in _groups(doc):
         for batch in doc["settings"]["batch_sizes"]:
             rows = {r["step"]: r for r in select(doc["results"], backend=backend, precision=precision, batch=batch)}
             if 0 not in rows or last not in rows:
                 continue
-            lines.append(f"| {backend} | {precision} | {batch} | {rows[0]['latency']['p50_ms']:.3f} | "
-                         f"{rows[last]['latency']['p50_ms']:.3f} | {_fmt_speedup(rows[last])} | "
-                         f"{recommend_step(doc, backend, batch, precision)} |")
+            best = recommend(doc, backend, batch)
+            lines.append(f"| {backend} | {batch} | {precision} | {rows[0]['latency']['p50_ms']:.3f} | "
+                         f"{rows[last]['latency']['p50_ms']:.3f} | {fmt_speedup(rows[last])} | "
+                         f"{f'step {best[0]} {best[1]}' if best else '-'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -282,11 +152,12 @@ def write_models_report(doc: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     files = {"results": out_dir / "results.json", "report": out_dir / "report.md"}
     atomic_write_json(files["results"], doc)
     groups = _groups(doc)
+    backends = list(dict.fromkeys(b for b, _ in groups))
     first_batch = min(doc["settings"]["batch_sizes"])
-    for backend, precision in groups:
-        name = f"pareto_{_slug(backend, precision)}"
+    for backend in backends:
+        name = f"pareto_{_slug(backend)}"
         files[name] = out_dir / f"{name}.png"
-        plot_pareto(doc, files[name], backend=backend, batch=first_batch, precision=precision)
+        plot_pareto(doc, files[name], backend=backend, batch=first_batch)
     if groups:
         files["throughput"] = out_dir / "throughput.png"
         plot_throughput(doc, files["throughput"])
@@ -300,12 +171,13 @@ def write_models_report(doc: dict[str, Any], out_dir: Path) -> dict[str, Path]:
         parts += ["Skipped (not measured, nothing is reported in their place):", ""]
         parts += [f"- {s['backend']} {s['precision']}: {s['reason']}" for s in doc["skipped"]] + [""]
     if groups:
-        parts += ["## Summary", "", f"Recommended step: the fastest within {RECOMMEND_WITHIN * 100:.0f} point of step 0's "
-                  "accuracy (measured through that backend).", "", summary_table(doc)]
-        parts += [f"![accuracy vs latency, {b} {p}](pareto_{_slug(b, p)}.png)" for b, p in groups]
+        parts += ["## Summary", "", f"Recommended: the fastest (step, precision) within {RECOMMEND_WITHIN * 100:.0f} point "
+                  "of step 0 fp32's accuracy (measured through that backend), never a flagged variant. Speed-ups are "
+                  "against step 0 fp32 on the same backend and batch, timed interleaved.", "", summary_table(doc)]
+        parts += [f"![accuracy vs latency, {b}](pareto_{_slug(b)}.png)" for b in backends]
         parts += ["", "![throughput vs batch size](throughput.png)", "",
                   "![measured speed-up vs MAC reduction](speedup_vs_macs.png)", ""]
-    parts += ["## Steps", "", steps_table(doc)]
+    parts += ["## Steps", "", steps_table(doc), "## Precision variants", "", variants_table(doc)]
     for backend, precision in groups:
         parts += [f"## Latency: {backend} {precision}", "",
                   latency_table(doc, select(doc["results"], backend=backend, precision=precision))]

@@ -66,7 +66,12 @@ RetrainLr = Annotated[Optional[float], typer.Option(help="Retraining (SGD) learn
 Scope = Annotated[Optional[str], typer.Option(help="global (rank all filters together), uniform (same ratio per layer) or block (only the inner convs of residual blocks).")]
 DistillWeight = Annotated[Optional[float], typer.Option(help="Retraining: weight of knowledge distillation from step 0 (0: off).")]
 DistillTemperature = Annotated[Optional[float], typer.Option(help="Distillation temperature.")]
-ExportFp16 = Annotated[Optional[bool], typer.Option("--export-fp16/--no-export-fp16", help="Also export an fp16 ONNX of every step (fp32 inputs/outputs).")]
+ExportFp16 = Annotated[Optional[bool], typer.Option("--export-fp16/--no-export-fp16", help="Alias of --precisions fp32,fp16.")]
+Precisions = Annotated[Optional[str], typer.Option(help="Precision variants of every step: fp32 always, plus fp16 and/or int8, e.g. fp32,fp16,int8.")]
+CalibrationImages = Annotated[Optional[int], typer.Option(help="int8: training images (evaluation transform, class-stratified) to calibrate on.")]
+CalibrationMethod = Annotated[Optional[str], typer.Option(help="int8: minmax, entropy or percentile.")]
+Int8Format = Annotated[Optional[str], typer.Option(help="int8: auto (measure the formats here, keep the fastest within the accuracy drop), qdq-u8s8, qdq-s8s8 or qoperator.")]
+MaxAccuracyDrop = Annotated[Optional[float], typer.Option(help="A variant losing more top-1 than this (fraction) vs its step's fp32 is flagged and never recommended.")]
 LayerCaps = Annotated[Optional[str], typer.Option(help="YAML of per-layer maximum ratios (from `compress sensitivity`; 0 = do not prune).")]
 MaxLayerRatio = Annotated[Optional[float], typer.Option(help="No layer loses more than this fraction of its filters.")]
 RoundTo = Annotated[Optional[int], typer.Option(help="Keep channel counts multiples of this.")]
@@ -115,7 +120,9 @@ def run(data: Data = None, out: Out = None, arch: Arch = None, weights: Weights 
         scope: Scope = None, max_layer_ratio: MaxLayerRatio = None, round_to: RoundTo = None,
         layer_caps: LayerCaps = None,
         distill_weight: DistillWeight = None, distill_temperature: DistillTemperature = None,
-        export_fp16: ExportFp16 = None, parity_tolerance: ParityTolerance = None, latency_batch: LatencyBatch = None,
+        export_fp16: ExportFp16 = None, precisions: Precisions = None, calibration_images: CalibrationImages = None,
+        calibration_method: CalibrationMethod = None, int8_format: Int8Format = None,
+        max_accuracy_drop: MaxAccuracyDrop = None, parity_tolerance: ParityTolerance = None, latency_batch: LatencyBatch = None,
         target_speedup: TargetSpeedup = None, latency_backend: LatencyBackend = None, device: Device = None,
         seed: Seed = None, workers: Workers = None, data_on_device: DataOnDevice = None,
         trust_pickle: TrustPickle = None, config_file: ConfigFile = None, force: Force = False) -> None:
@@ -181,6 +188,37 @@ def report(run_dir: RunDir) -> None:
     from .pipeline import report as report_stage
 
     report_stage(_reopen(run_dir, "cpu"), redo=True)
+
+
+@app.command()
+def quantize(run_dir: RunDir,
+             steps: Annotated[Optional[str], typer.Option(help="Comma-separated steps (default: every finished step).")] = None,
+             precisions: Annotated[str, typer.Option(help="Variants to add (fp32 is always there).")] = "int8",
+             calibration_images: CalibrationImages = None, calibration_method: CalibrationMethod = None,
+             int8_format: Int8Format = None, max_accuracy_drop: MaxAccuracyDrop = None) -> None:
+    """Add precision variants (int8 by default) to the steps of an existing run: ONNX Runtime
+    static quantization calibrated on training images, measured against each step's fp32 on
+    the validation split. Resumable; refreshes report.md when the run has one."""
+    import dataclasses
+
+    from .runtime.precisions import parse_precisions
+
+    try:
+        chosen = None if steps is None else sorted({int(x) for x in steps.split(",") if x.strip()})
+    except ValueError:
+        raise UsageError(f"--steps {steps!r}: expected comma-separated step numbers, e.g. 0,3") from None
+    try:
+        wanted = parse_precisions(precisions)
+    except ValueError as exc:
+        raise UsageError(f"--precisions: {exc}") from None
+    run_ = _reopen(run_dir, "cpu")
+    given = {"calibration_images": calibration_images, "calibration_method": calibration_method,
+             "int8_format": int8_format, "max_accuracy_drop": max_accuracy_drop}
+    int8 = dataclasses.replace(run_.config.int8_settings(), **{k: v for k, v in given.items() if v is not None})
+    int8.validate()
+    from .pipeline import quantize as quantize_stage
+
+    quantize_stage(run_, steps=chosen, int8=int8, precisions=wanted)
 
 
 @app.command()

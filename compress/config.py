@@ -22,6 +22,10 @@ DEVICES = ("auto", "cpu", "cuda")
 LATENCY_BACKENDS = ("ort-cpu", "ort-cuda", "torch")
 # Options that change how a run executes but not what it computes: they may differ on resume.
 EXECUTION_ONLY = ("device", "workers", "data_on_device", "trust_pickle")
+# Options that only add precision variants next to the fp32 files: they may differ on resume
+# (a new precision is built for every step; a changed int8 setting rebuilds the int8 files).
+VARIANT_OPTIONS = ("precisions", "export_fp16", "calibration_images", "calibration_method", "int8_format",
+                   "max_accuracy_drop")
 DATA_ON_DEVICE = ("auto", "on", "off")
 
 
@@ -70,7 +74,12 @@ class RunConfig:
     round_to: int = 8
     # export and report
     opset: int = 18
-    export_fp16: bool = False
+    export_fp16: bool = False  # alias of --precisions fp32,fp16
+    precisions: str = "fp32"  # fp32 always; "fp32,fp16,int8" adds those variants of every step
+    calibration_images: int = 512  # int8: training images (evaluation transform) to calibrate on
+    calibration_method: str = "minmax"
+    int8_format: str = "auto"  # auto: measure qdq-u8s8, qdq-s8s8 and qoperator here, keep the fastest within the drop
+    max_accuracy_drop: float = 0.01  # a variant losing more top-1 than this vs its step's fp32 is flagged
     parity_tolerance: float = 1e-3
     latency_batch: int = 32
     # execution
@@ -106,6 +115,18 @@ class RunConfig:
         caps = load_layer_caps(Path(self.layer_caps)) if self.layer_caps else {}
         return PruneSettings(self.target_macs, self.prune_steps, self.scope, self.max_layer_ratio, self.round_to, caps)
 
+    def precision_list(self) -> tuple[str, ...]:
+        """The precisions every step gets (fp32 first); ``--export-fp16`` adds fp16."""
+        from .runtime.precisions import parse_precisions
+
+        return parse_precisions(self.precisions + (",fp16" if self.export_fp16 else ""))
+
+    def int8_settings(self) -> Any:
+        from .quantize import Int8Settings
+
+        return Int8Settings(self.calibration_images, self.calibration_method, self.int8_format,
+                            self.max_accuracy_drop, self.seed)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -133,6 +154,11 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
+        try:
+            self.precisions = ",".join(self.precision_list())
+        except ValueError as exc:
+            raise UsageError(f"--precisions: {exc}") from None
+        self.int8_settings().validate()
         validate_settings(self.prune_settings())
 
 
@@ -193,5 +219,5 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Options (other than execution-only ones) whose values differ between two runs. An
     option missing from an older manifest counts as its default."""
     defaults = RunConfig().to_dict()
-    keys = (set(old) | set(new)) - set(EXECUTION_ONLY)
+    keys = (set(old) | set(new)) - set(EXECUTION_ONLY) - set(VARIANT_OPTIONS)
     return sorted(k for k in keys if old.get(k, defaults.get(k)) != new.get(k, defaults.get(k)))

@@ -13,12 +13,12 @@ from typing import Any, Iterable
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from torch import nn
 
 from .models import example_input
 from .rundir import atomic_write_with
+from .runtime.sessions import OrtModel, SessionSettings
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -64,25 +64,6 @@ def export_fp16(fp32_path: Path, fp16_path: Path) -> None:
     atomic_write_with(fp16_path, lambda tmp: onnx.save(half, str(tmp)))
 
 
-def compare_sessions(reference: Path, candidate: Path, batches: Iterable[torch.Tensor],
-                     max_images: int = 512) -> dict[str, float]:
-    """Max |logit difference| and top-1 agreement of two ONNX files on the same images
-    (fp16 against fp32: a quality figure, not a pass/fail parity)."""
-    first = make_session(reference, "cpu", threads=min(4, os.cpu_count() or 1))
-    second = make_session(candidate, "cpu", threads=min(4, os.cpu_count() or 1))
-    max_diff, agree, seen = 0.0, 0, 0
-    for images in batches:
-        x = images[: max_images - seen].numpy().astype(np.float32)
-        if len(x) == 0:
-            break
-        a = first.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
-        b = second.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
-        max_diff = max(max_diff, float(np.abs(a - b).max()))
-        agree += int((a.argmax(1) == b.argmax(1)).sum())
-        seen += len(x)
-    return {"max_abs_diff": max_diff, "top1_agreement": agree / max(seen, 1), "images": seen}
-
-
 def read_metadata(path: Path) -> dict[str, Any]:
     """The metadata props of an ONNX file, JSON values decoded."""
     proto = onnx.load(str(path), load_external_data=False)
@@ -95,29 +76,6 @@ def read_metadata(path: Path) -> dict[str, Any]:
     return out
 
 
-def make_session(path: Path | str, provider: str = "cpu", *, threads: int | None = None,
-                 cudnn_heuristic: bool = True, spinning: bool = True) -> ort.InferenceSession:
-    """An ONNX Runtime session on ``cpu`` or ``cuda`` (CUDA EP with CPU fallback).
-
-    Callers that care which provider really runs must check ``session.get_providers()[0]``:
-    ORT silently falls back to CPU when the CUDA provider cannot load. ``spinning=False`` stops
-    idle intra-op threads from busy-waiting: needed when several sessions take turns (a
-    benchmark interleaving models), or their spinning threads steal each other's cores."""
-    options = ort.SessionOptions()
-    if not spinning:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    providers: list[Any] = ["CPUExecutionProvider"]
-    if provider == "cuda":
-        cuda_options = {"cudnn_conv_algo_search": "HEURISTIC" if cudnn_heuristic else "EXHAUSTIVE"}
-        providers = [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
-    return ort.InferenceSession(str(path), sess_options=options, providers=providers)
-
-
 @torch.no_grad()
 def parity_check(model: nn.Module, onnx_path: Path, batches: Iterable[torch.Tensor], *, tolerance: float,
                  max_images: int = 512) -> dict[str, float]:
@@ -126,14 +84,14 @@ def parity_check(model: nn.Module, onnx_path: Path, batches: Iterable[torch.Tens
     Returns ``max_abs_diff``, ``top1_agreement`` and the number of images; raises
     :class:`ParityError` when the difference exceeds ``tolerance``."""
     model = model.eval().cpu()
-    session = make_session(onnx_path, "cpu", threads=min(4, os.cpu_count() or 1))
+    session = OrtModel(onnx_path, SessionSettings("cpu", threads=min(4, os.cpu_count() or 1)))
     max_diff, agree, seen = 0.0, 0, 0
     for images in batches:
         images = images[: max_images - seen]
         if len(images) == 0:
             break
         expected = model(images).numpy()
-        actual = session.run([OUTPUT_NAME], {INPUT_NAME: images.numpy().astype(np.float32)})[0]
+        actual = session.predict(images.numpy())
         max_diff = max(max_diff, float(np.abs(expected - actual).max()))
         agree += int((expected.argmax(1) == actual.argmax(1)).sum())
         seen += len(images)

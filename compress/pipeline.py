@@ -15,12 +15,10 @@ moment loses at most the unit in progress."""
 from __future__ import annotations
 
 import os
-import platform
 import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
@@ -34,23 +32,11 @@ from .data import DataBundle, Preprocessing, class_weights, load_data, make_load
 from .errors import UsageError
 from .pruning import conv_out_widths, count_macs_params, prune_to_macs, step_targets
 from .rundir import read_manifest, relative, write_manifest
+from .runtime.precisions import PRECISIONS, VARIANT_FILES
+from .runtime.machine import library_versions
 from .training import evaluate, fit
 
 console = Console(stderr=True)
-VERSION_PACKAGES = ("torch", "torchvision", "torch-pruning", "onnx", "onnxruntime-gpu", "onnxruntime", "numpy",
-                    "pillow", "bentoml", "resnet-compress")
-
-
-def library_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in VERSION_PACKAGES:
-        try:
-            versions[name] = importlib_metadata.version(name)
-        except importlib_metadata.PackageNotFoundError:
-            continue
-    return versions
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: CUDA is not available on this machine (use --device auto or cpu)")
@@ -332,8 +318,8 @@ def _speedup_reached(run: Run) -> int | None:
 
 def _measure_speedup(run: Run, step: int) -> None:
     """Step ``step`` against step 0 on the steering backend, interleaved, recorded in its entry."""
-    from bench.backends import BackendUnavailable
-    from bench.speedup import measure_step_speedup
+    from .backends import BackendUnavailable
+    from .latency import measure_step_speedup
 
     entry = run.step_entry(step)
     if entry.get("speedup_measured"):
@@ -350,42 +336,107 @@ def _measure_speedup(run: Run, step: int) -> None:
 
 
 def export_step(run: Run, step: int) -> None:
-    """Stage 3, one step: ONNX export, checker, parity on validation images."""
+    """Stage 3, one step: ONNX export, checker, parity on validation images, then the step's
+    precision variants (``--precisions``)."""
     entry = run.step_entry(step)
     if entry is None:
         raise UsageError(f"step {step} is not finished; nothing to export")
-    if entry.get("onnx") and entry.get("parity") and (run.run_dir / entry["onnx"]).exists():
-        fp16 = entry.get("onnx_fp16")
-        if run.config.export_fp16 and not (fp16 and (run.run_dir / fp16).is_file()):
-            _export_step_fp16(run, entry, run.loaders()[1])
+    if not (entry.get("onnx") and entry.get("parity") and (run.run_dir / entry["onnx"]).exists()):
+        model = run.load_step_model(step)
+        path = step_dir(run.run_dir, step) / VARIANT_FILES["fp32"]
+        metadata = {"classes": run.data.classes, "preprocessing": run.preprocessing.to_dict(), "arch": run.config.arch,
+                    "step": step, "accuracy": entry["accuracy"], "macs": entry["macs"], "params": entry["params"],
+                    "producer": "resnet-compress"}
+        onnx_export.export_onnx(model, path, input_size=run.preprocessing.input_size, metadata=metadata,
+                                opset=run.config.opset)
+        _, val_loader = run.loaders()
+        parity = onnx_export.parity_check(model, path, (images for images, _ in val_loader),
+                                          tolerance=run.config.parity_tolerance)
+        entry.update({"onnx": relative(run.run_dir, path), "onnx_bytes": path.stat().st_size, "parity": parity})
+        entry.pop("variants", None)  # measured against the old fp32 file
+        run.put_step(entry)
+        console.print(f"step {step}: ONNX exported, parity max |diff| {parity['max_abs_diff']:.2e}, "
+                      f"top-1 agreement {parity['top1_agreement']:.4f}")
+    build_variants(run, step, run.config.precision_list(), run.config.int8_settings())
+
+
+def _variant_current(run: Run, entry: dict[str, Any], precision: str, int8: Any) -> bool:
+    """Whether the step's recorded variant exists and was made with the settings asked now."""
+    variant = (entry.get("variants") or {}).get(precision)
+    if not variant or not (run.run_dir / variant["onnx"]).is_file():
+        return False
+    if precision == "int8":
+        recorded = variant.get("calibration") or {}
+        same_format = int8.int8_format == variant.get("format_choice")
+        return same_format and (recorded.get("asked_images"), recorded.get("method"), recorded.get("seed")) == \
+            (int8.calibration_images, int8.calibration_method, int8.seed)
+    return True
+
+
+def build_variants(run: Run, step: int, precisions: tuple[str, ...], int8: Any) -> None:
+    """Make the step's missing precision variants (and those made with other int8 settings),
+    then record every variant's accuracy and agreement with fp32 on the whole validation split.
+    The fp32 record is ``{onnx, bytes, accuracy, top1_agreement: 1, max_abs_diff: 0, parity}``."""
+    from . import variants as builders
+    from .manifest import StepRecord
+
+    entry = run.step_entry(step)
+    folder = step_dir(run.run_dir, step)
+    fp32_path = run.run_dir / entry["onnx"]
+    # an entry from before variants existed: carry its fp16 file over, once
+    current = {p: v.to_dict() for p, v in StepRecord.from_dict(entry).variants.items()}
+    for key in ("onnx_fp16", "onnx_fp16_bytes", "fp16"):
+        entry.pop(key, None)
+    wanted = [p for p in precisions if p != "fp32" and not _variant_current(run, {"variants": current}, p, int8)]
+    if not wanted and all(v.get("accuracy") is not None for v in current.values()) and "fp32" in current:
         return
-    model = run.load_step_model(step)
-    path = step_dir(run.run_dir, step) / "model.onnx"
-    metadata = {"classes": run.data.classes, "preprocessing": run.preprocessing.to_dict(), "arch": run.config.arch,
-                "step": step, "accuracy": entry["accuracy"], "macs": entry["macs"], "params": entry["params"],
-                "producer": "resnet-compress"}
-    onnx_export.export_onnx(model, path, input_size=run.preprocessing.input_size, metadata=metadata,
-                            opset=run.config.opset)
     _, val_loader = run.loaders()
-    parity = onnx_export.parity_check(model, path, (images for images, _ in val_loader),
-                                      tolerance=run.config.parity_tolerance)
-    entry.update({"onnx": relative(run.run_dir, path), "onnx_bytes": path.stat().st_size, "parity": parity})
+    records = {p: v for p, v in current.items() if p not in wanted}
+    made: dict[str, Path] = {}
+    for precision in wanted:
+        if precision == "fp16":
+            made["fp16"] = builders.build_fp16(fp32_path, folder)
+        elif precision == "int8":
+            calibration = builders.calibration_images(run.data, int8)
+            probe = next(iter(val_loader))[0].numpy()
+            path, metrics, details = builders.build_int8(fp32_path, folder, calibration, val_loader, int8, probe)
+            records["int8"] = builders._record(run.run_dir, path, metrics, 0.0, int8.max_accuracy_drop, details)
+    others = {p: run.run_dir / v["onnx"] for p, v in records.items() if p not in ("int8",)}
+    measured = builders.evaluate_variants({**others, **made, "fp32": fp32_path}, val_loader)
+    fp32_accuracy = measured["fp32"]["accuracy"]
+    for precision, path in {**others, **made}.items():
+        details = {"parity": entry["parity"]} if precision == "fp32" else \
+            {k: v for k, v in records.get(precision, {}).items()
+             if k not in ("onnx", "bytes", "accuracy", "top1_agreement", "max_abs_diff", "accuracy_drop", "flagged", "images")}
+        records[precision] = builders._record(run.run_dir, path, measured[precision], fp32_accuracy,
+                                              int8.max_accuracy_drop, details)
+    if "int8" in records:  # measured against the same fp32 file in build_int8; the drop against this run's figure
+        records["int8"]["accuracy_drop"] = fp32_accuracy - records["int8"]["accuracy"]
+        records["int8"]["flagged"] = records["int8"]["accuracy_drop"] > int8.max_accuracy_drop + 1e-12
+    entry["variants"] = {p: records[p] for p in PRECISIONS if p in records}
     run.put_step(entry)
-    console.print(f"step {step}: ONNX exported, parity max |diff| {parity['max_abs_diff']:.2e}, "
-                  f"top-1 agreement {parity['top1_agreement']:.4f}")
-    if run.config.export_fp16:
-        _export_step_fp16(run, entry, val_loader)
+    for precision in wanted:
+        v = entry["variants"][precision]
+        extra = f", format {v['format']}" if precision == "int8" else ""
+        console.print(f"step {step}: {precision} ONNX{extra}, top-1 {v['accuracy']:.4f} "
+                      f"({-v['accuracy_drop'] * 100:+.2f} points vs fp32), agreement {v['top1_agreement']:.4f}"
+                      + (" [yellow]flagged: over the allowed drop[/]" if v["flagged"] else ""))
 
 
-def _export_step_fp16(run: Run, entry: dict[str, Any], val_loader: Any) -> None:
-    """The fp16 twin of a step's ONNX file, with its agreement with fp32 on validation images."""
-    path = step_dir(run.run_dir, entry["step"]) / "model_fp16.onnx"
-    onnx_export.export_fp16(run.run_dir / entry["onnx"], path)
-    agreement = onnx_export.compare_sessions(run.run_dir / entry["onnx"], path, (x for x, _ in val_loader))
-    entry.update({"onnx_fp16": relative(run.run_dir, path), "onnx_fp16_bytes": path.stat().st_size,
-                  "fp16": agreement})
-    run.put_step(entry)
-    console.print(f"step {entry['step']}: fp16 ONNX, top-1 agreement with fp32 {agreement['top1_agreement']:.4f}")
+def quantize(run: Run, *, steps: list[int] | None, int8: Any, precisions: tuple[str, ...] = ("fp32", "int8")) -> None:
+    """``compress quantize``: add precision variants to finished, exported steps of a run, then
+    refresh the closing report if the run had one."""
+    finished = [s["step"] for s in run.manifest["steps"]]
+    chosen = finished if steps is None else steps
+    unknown = sorted(set(chosen) - set(finished))
+    if unknown:
+        raise UsageError(f"--steps: the run has no step(s) {unknown} (steps: {finished})")
+    for step in chosen:
+        if not run.step_entry(step).get("onnx"):
+            export_step(run, step)
+        build_variants(run, step, precisions, int8)
+    if run.manifest.get("report"):
+        report(run, redo=True)
 
 
 def export(run: Run) -> None:
@@ -396,17 +447,19 @@ def export(run: Run) -> None:
 def report(run: Run, *, redo: bool = False) -> dict[str, Any]:
     """Stage 4: ORT CPU latency of every step (interleaved, one run) and the closing report.
     Kept when it already covers every step, unless ``redo`` (``compress report`` measures again)."""
-    from bench.runreport import write_run_report
+    from .report import write_run_report
 
     missing = [s["step"] for s in run.manifest["steps"] if not s.get("onnx")]
     if missing:
         raise UsageError(f"steps {missing} have no ONNX export yet; run `compress export` first")
     done = run.manifest.get("report")
-    if not redo and done and [s["step"] for s in done["steps"]] == [s["step"] for s in run.manifest["steps"]] \
+    models = [f"{s['step']}:{p}" for s in run.manifest["steps"] for p in (s.get("variants") or {"fp32": None})]
+    if not redo and done and done.get("models", [f"{s['step']}:fp32" for s in done["steps"]]) == models \
             and all((run.run_dir / done[key]).exists() for key in ("report", "pareto", "results")):
         console.print("[dim]report already written[/]")
         return done
     summary = write_run_report(run.run_dir, run.manifest, latency_batch=run.config.latency_batch, data=run.data)
+    summary["models"] = models
     run.manifest["report"] = summary
     run.save()
     return summary

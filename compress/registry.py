@@ -1,7 +1,7 @@
 """``compress register``: put one step of a run into the BentoML model store.
 
-The stored model is what the HTTP service (``serve/``) loads: the step's ONNX file (plus the
-fp16 export when the run made one) and, as metadata, everything the service needs besides
+The stored model is what the HTTP service (``serve/``) loads: the step's ONNX files (fp32 and
+every precision variant the run made) and, as metadata, everything the service needs besides
 the file (class names, preprocessing, tensor names) and the figures a user picks a model by
 (accuracy, MACs, parameters, measured latency). The service never reads the run directory,
 so a registered model keeps working after the run is moved or deleted."""
@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
+from .manifest import StepRecord
 from .rundir import require_manifest
+from .runtime.precisions import VARIANT_FILES
 
 # The ONNX tensor names fixed by compress/export.py (kept literal here: importing export.py
 # would pull in torch just to read two constants).
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
-FP32_FILE = "model.onnx"
-FP16_FILE = "model_fp16.onnx"
 ACCURACY_TOLERANCE = 0.01  # "within 1 point of step 0's accuracy"
 _TAG_NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
 
@@ -66,14 +66,17 @@ def step_entry(manifest: dict[str, Any], step: int) -> dict[str, Any]:
     return entry
 
 
-def _onnx_path(run_dir: Path, entry: dict[str, Any], key: str) -> Path | None:
-    relative = entry.get(key)
-    if not relative:
-        return None
-    path = run_dir / relative
-    if not path.is_file():
-        raise UsageError(f"step {entry['step']}: {key} file {path} is missing; run `compress export {run_dir}` again")
-    return path
+def variant_files(run_dir: Path, entry: dict[str, Any]) -> dict[str, Path]:
+    """Every precision variant of a step and its file (fp32 first), each checked to exist."""
+    record = StepRecord.from_dict(entry)
+    files = {}
+    for precision in record.variants:
+        path = record.variant_path(run_dir, precision)
+        if not path.is_file():
+            raise UsageError(f"step {entry['step']}: the {precision} file {path} is missing; run "
+                             f"`compress export {run_dir}` (or `compress quantize`) again")
+        files[precision] = path
+    return files
 
 
 def _latency(manifest: dict[str, Any], step: int) -> dict[str, float]:
@@ -84,13 +87,14 @@ def _latency(manifest: dict[str, Any], step: int) -> dict[str, float]:
     return {}
 
 
-def build_metadata(run_dir: Path, manifest: dict[str, Any], entry: dict[str, Any], *, has_fp16: bool) -> dict[str, Any]:
-    """What the service reads from the store: classes, preprocessing, files, metrics."""
+def build_metadata(run_dir: Path, manifest: dict[str, Any], entry: dict[str, Any],
+                   precisions: list[str]) -> dict[str, Any]:
+    """What the service reads from the store: classes, preprocessing, files, metrics, and per
+    precision variant its accuracy and agreement with fp32."""
     steps = {s["step"]: s for s in manifest["steps"]}
     base = steps.get(0, entry)
-    files = {"fp32": FP32_FILE}
-    if has_fp16:
-        files["fp16"] = FP16_FILE
+    files = {p: VARIANT_FILES[p] for p in precisions}
+    variants = StepRecord.from_dict(entry).variants
     metadata: dict[str, Any] = {
         "format": 1,
         "producer": "resnet-compress",
@@ -112,6 +116,10 @@ def build_metadata(run_dir: Path, manifest: dict[str, Any], entry: dict[str, Any
     }
     if entry.get("parity"):
         metadata["parity"] = {k: v for k, v in entry["parity"].items() if isinstance(v, (int, float))}
+    metadata["variants"] = {p: {k: getattr(variants[p], k) for k in ("accuracy", "top1_agreement", "max_abs_diff",
+                                                                      "accuracy_drop", "flagged", "bytes")}
+                            | ({"format": variants[p].details.get("format")} if p == "int8" else {})
+                            for p in precisions if p in variants}
     return json.loads(json.dumps(metadata))  # plain JSON types only (the store validates them)
 
 
@@ -137,16 +145,14 @@ def register(run_dir: Path, *, step: int | None = None, name: str | None = None,
     name = check_name(name) if name is not None else sanitize_name(run_dir.resolve().name)
     chosen = choose_step(manifest) if step is None else step
     entry = step_entry(manifest, chosen)
-    fp32 = _onnx_path(run_dir, entry, "onnx")
-    if fp32 is None:
+    if not entry.get("onnx"):
         raise UsageError(f"step {chosen} is not exported to ONNX yet; run `compress export {run_dir}` first")
-    fp16 = _onnx_path(run_dir, entry, "onnx_fp16")
-    metadata = build_metadata(run_dir, manifest, entry, has_fp16=fp16 is not None)
+    files = variant_files(run_dir, entry)
+    metadata = build_metadata(run_dir, manifest, entry, list(files))
     labels = {"source": "resnet-compress", "arch": str(metadata["arch"]), "step": str(chosen),
               "run": sanitize_name(run_dir.resolve().name)}
     with bentoml.models.create(name, labels=labels, metadata=metadata,
                                _model_store=model_store(bentoml_home)) as model:
-        shutil.copyfile(fp32, model.path_of(FP32_FILE))
-        if fp16 is not None:
-            shutil.copyfile(fp16, model.path_of(FP16_FILE))
+        for precision, path in files.items():
+            shutil.copyfile(path, model.path_of(VARIANT_FILES[precision]))
     return str(model.tag)

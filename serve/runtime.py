@@ -1,11 +1,11 @@
 """The models behind the service: registered ONNX files, one ONNX Runtime session each.
 
-A :class:`ModelCard` is what the store says about a model (read by both services); a
-:class:`Member` adds its session. Sessions try the CUDA execution provider first (cuDNN
-convolution algorithm search HEURISTIC: EXHAUSTIVE would benchmark every algorithm for
-every new batch shape that adaptive batching produces, stalling requests) and fall back to
-CPU with a logged warning; the provider really in use is reported, because ORT falls back
-silently when the CUDA libraries cannot be loaded."""
+A :class:`ModelCard` is what the store says about a model; a :class:`Member` adds its session.
+Sessions come from the shared runtime layer (``compress.runtime``, torch-free): CUDA execution
+provider first (cuDNN convolution algorithm search HEURISTIC: EXHAUSTIVE would benchmark every
+algorithm for every new batch shape that adaptive batching produces, stalling requests), CPU
+fallback with a logged warning; the provider really in use is reported, because ORT falls
+back silently when the CUDA libraries cannot be loaded."""
 from __future__ import annotations
 
 import logging
@@ -22,8 +22,6 @@ from .settings import ConfigError
 from .voting import softmax
 
 logger = logging.getLogger("serve")
-CUDA = "CUDAExecutionProvider"
-CPU = "CPUExecutionProvider"
 
 
 @dataclass(frozen=True)
@@ -40,12 +38,13 @@ class ModelCard:
         files = self.metadata.get("files") or {"fp32": "model.onnx"}
         if precision not in files:
             raise ConfigError(f"{self.tag} has no {precision} export (it has: {', '.join(files)}); "
-                              f"set SERVE_PRECISION=fp32 or register a run exported with {precision}")
+                              f"set SERVE_PRECISION=fp32, or add the variant (`compress run --precisions fp32,{precision}` or "
+                              f"`compress quantize RUN_DIR --precisions {precision}`) and register the step again")
         return self.path / files[precision]
 
     def summary(self) -> dict[str, Any]:
         """Metrics shown by the metadata endpoint."""
-        keys = ("arch", "step", "accuracy", "accuracy_step0", "macs", "params", "macs_ratio", "params_ratio", "latency")
+        keys = ("arch", "step", "accuracy", "accuracy_step0", "macs", "params", "macs_ratio", "params_ratio", "latency", "variants")
         return {"tag": self.tag, **{k: self.metadata[k] for k in keys if k in self.metadata},
                 "input_size": self.preprocessing.input_size}
 
@@ -89,61 +88,17 @@ def check_classes(cards: Sequence[ModelCard]) -> tuple[str, ...]:
 
 
 def create_session(path: Path, provider: str, *, threads: int = 0) -> tuple[Any, str]:
-    """An ONNX Runtime session and the provider it really runs on (``cuda`` or ``cpu``).
-
-    ``provider`` ``auto`` and ``cuda`` try CUDA first; ``cuda`` insists (error if it cannot
-    load), ``auto`` falls back to CPU with a warning. Idle threads do not spin: the event loop
-    that parses and decodes requests needs the same cores between model calls."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    providers: list[Any] = [CPU]
-    if provider in ("auto", "cuda"):
-        if CUDA in ort.get_available_providers() and (provider == "cuda" or _cuda_driver_present()):
-            _preload_cuda_libraries(ort)
-            providers = [(CUDA, {"cudnn_conv_algo_search": "HEURISTIC"}), CPU]
-        elif provider == "cuda":
-            raise ConfigError(f"SERVE_PROVIDER=cuda but this onnxruntime has no CUDA provider "
-                              f"(available: {ort.get_available_providers()}); install onnxruntime-gpu")
-    session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
-    in_use = "cuda" if session.get_providers()[0] == CUDA else "cpu"
-    if provider in ("auto", "cuda") and in_use != "cuda":
-        if provider == "cuda":
-            raise ConfigError(f"SERVE_PROVIDER=cuda but the CUDA execution provider could not be loaded for {path} "
-                              f"(no GPU, or CUDA/cuDNN libraries missing); use SERVE_PROVIDER=auto to allow CPU")
-        logger.warning("CUDA execution provider unavailable for %s (no GPU or CUDA/cuDNN libraries missing): "
-                       "serving on CPU", path)
-    return session, in_use
-
-
-def _cuda_driver_present() -> bool:
-    """Whether the NVIDIA driver library loads: without it ORT's CUDA provider cannot work and
-    only prints a red error before falling back, so ``auto`` goes straight to CPU."""
-    import ctypes
+    """An ONNX Runtime session (through the shared runtime layer) and the provider it really
+    runs on. Idle threads do not spin: the event loop that parses and decodes requests needs
+    the same cores between model calls. A provider that cannot run becomes a ConfigError."""
+    from compress.runtime.sessions import ProviderUnavailable, SessionSettings
+    from compress.runtime.sessions import create_session as runtime_session
 
     try:
-        ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return False
-    return True
-
-
-def _preload_cuda_libraries(ort: Any) -> None:
-    """Load the CUDA/cuDNN libraries of the nvidia-* pip wheels (onnxruntime-gpu[cuda,cudnn]),
-    so no system CUDA install is needed; harmless when they are absent."""
-    preload = getattr(ort, "preload_dlls", None)
-    if preload is None:
-        return
-    try:
-        preload()
-    except Exception as exc:  # missing wheels: ORT falls back to CPU and we log that later
-        logger.debug("onnxruntime.preload_dlls failed: %s", exc)
+        return runtime_session(path, SessionSettings(provider, threads=threads or None, spinning=False))
+    except ProviderUnavailable as exc:
+        raise ConfigError(f"SERVE_PROVIDER=cuda but {exc}; use SERVE_PROVIDER=auto to allow CPU, or install "
+                          f"onnxruntime-gpu with its CUDA libraries on a GPU machine") from None
 
 
 @dataclass
@@ -156,6 +111,7 @@ class Member:
     input_name: str
     output_name: str
     input_dtype: np.dtype
+    precision: str = "fp32"
 
     @classmethod
     def load(cls, card: ModelCard, *, provider: str, precision: str = "fp32", threads: int = 0) -> Member:
@@ -163,7 +119,7 @@ class Member:
         model_input = session.get_inputs()[0]
         dtype = np.dtype(np.float16) if model_input.type == "tensor(float16)" else np.dtype(np.float32)
         output = card.metadata.get("output_name") or session.get_outputs()[0].name
-        return cls(card, session, in_use, model_input.name, output, dtype)
+        return cls(card, session, in_use, model_input.name, output, dtype, precision)
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """(N, 3, S, S) float32 -> (N, C) float32 probabilities."""
@@ -199,3 +155,6 @@ class Ensemble:
 
     def providers(self) -> dict[str, str]:
         return {m.card.tag: m.provider for m in self.members}
+
+    def precisions(self) -> dict[str, str]:
+        return {m.card.tag: m.precision for m in self.members}

@@ -149,6 +149,7 @@ class Classifier:
             "classes": self.classes,
             "voting": self.settings.voting if len(self.cards) > 1 else None,
             "providers": self.ensemble.providers(),
+            "precisions": self.ensemble.precisions(),
             "onnxruntime": ort.__version__,
             "input_sizes": sorted({card.preprocessing.input_size for card in self.cards}),
             "limits": {"max_bytes": self.settings.max_bytes, "max_pixels": self.settings.max_pixels,

@@ -8,7 +8,8 @@ in a built Bento and in its container (``docker run -e SERVE_MODELS=...``):
 - ``SERVE_VOTING``: ``soft`` (mean of the members' probabilities, default) or ``hard``
   (majority of their labels, ties broken by mean probability).
 - ``SERVE_PROVIDER``: ``auto`` (CUDA first, CPU fallback; default), ``cuda`` or ``cpu``.
-- ``SERVE_PRECISION``: ``fp32`` (default) or ``fp16`` (the fp16 export, where registered).
+- ``SERVE_PRECISION``: ``fp32`` (default), ``fp16`` or ``int8``: that variant of every member, where
+  registered (``compress run --precisions`` / ``compress quantize``).
 - ``SERVE_THREADS``: ONNX Runtime intra-op threads on CPU (default: ORT's choice).
 - ``SERVE_MAX_BYTES``: largest accepted image upload in bytes (default 20 MiB) -> 413.
 - ``SERVE_MAX_PIXELS``: largest accepted image in pixels (default 40 M; decompression bombs) -> 400.
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 
 VOTING = ("soft", "hard")
 PROVIDERS = ("auto", "cuda", "cpu")
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 class ConfigError(RuntimeError):

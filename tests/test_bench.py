@@ -22,12 +22,12 @@ from onnx import TensorProto, helper
 from PIL import Image
 
 from bench.cli import main
-from bench.hints import unaligned_convs
 from bench.load import Payload, check_target, run_sweep
-from bench.measure import interleaved, paired_speedup_spread, speedup, summarize
-from bench.models_bench import benchmark_run
 from bench.report import write_models_report
 from compress.errors import UsageError
+from compress.hints import unaligned_convs
+from compress.latency import benchmark_run
+from compress.runtime.timing import interleaved, paired_speedup_spread, speedup, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--batch-sizes", "1,4", "--warmup", "1", "--rounds", "3", "--min-seconds", "0", "--max-seconds", "1"]
@@ -87,10 +87,10 @@ def test_models_results_json_structure(models_out: Path, tiny_run: Path) -> None
 def test_models_report_and_pngs_are_written_and_valid(models_out: Path) -> None:
     report = (models_out / "report.md").read_text()
     for needle in ("## Summary", "## Steps", "## Latency: ort-cpu fp32", "## Latency: torch fp32", "## Hardware hints",
-                   "## Machine", "ort-cuda fp32: no CUDA device", "p99 ms", "speed-up vs step 0"):
+                   "## Machine", "ort-cuda all:", "no CUDA device", "p99 ms", "speed-up vs step 0 fp32"):
         assert needle in report, needle
     pngs = sorted(p.name for p in models_out.glob("*.png"))
-    assert pngs == ["pareto_ort-cpu_fp32.png", "pareto_torch_fp32.png", "speedup_vs_macs.png", "throughput.png"]
+    assert pngs == ["pareto_ort-cpu.png", "pareto_torch.png", "speedup_vs_macs.png", "throughput.png"]
     for name in pngs:
         assert f"]({name})" in report
         with Image.open(models_out / name) as image:
@@ -99,7 +99,8 @@ def test_models_report_and_pngs_are_written_and_valid(models_out: Path) -> None:
             assert image.format == "PNG" and image.size[0] > 300 and image.size[1] > 200
 
 
-def test_models_measures_fp16_onnx_files_when_a_step_has_them(tiny_run: Path, tmp_path: Path) -> None:
+def test_models_measures_fp16_files_of_an_old_format_manifest(tiny_run: Path, tmp_path: Path) -> None:
+    """A manifest written before precision variants (``onnx_fp16`` keys) still loads and is measured."""
     from onnxconverter_common import float16
 
     run = tmp_path / "run"
@@ -118,7 +119,8 @@ def test_models_measures_fp16_onnx_files_when_a_step_has_them(tiny_run: Path, tm
     assert set(by) == {("fp32", 0), ("fp32", 1), ("fp16", 0), ("fp16", 1)}
     assert by[("fp16", 0)]["accuracy"] == pytest.approx(by[("fp32", 0)]["accuracy"], abs=0.1)
     files = write_models_report(doc, tmp_path / "out")
-    assert "## Latency: ort-cpu fp16" in files["report"].read_text() and "pareto_ort-cpu_fp16" in files
+    assert "## Latency: ort-cpu fp16" in files["report"].read_text() and "pareto_ort-cpu" in files
+    assert by[("fp16", 1)]["speedup"] == pytest.approx(by[("fp32", 0)]["latency"]["p50_ms"] / by[("fp16", 1)]["latency"]["p50_ms"])
 
 
 def test_hints_list_convs_whose_channels_are_not_multiples_of_8(tmp_path: Path) -> None:
@@ -426,7 +428,7 @@ def test_models_with_only_unavailable_backends_writes_the_report_and_exits_2(
     assert err.strip().splitlines()[-1].startswith("bench: error: nothing measured, every backend was skipped")
     doc = json.loads((tmp_path / "results.json").read_text())
     assert doc["results"] == [] and {s["backend"] for s in doc["skipped"]} == {"ort-cuda", "torch-cuda"}
-    assert "ort-cuda fp32: no CUDA device" in (tmp_path / "report.md").read_text()
+    assert "ort-cuda all:" in (tmp_path / "report.md").read_text()
 
 
 def test_console_script_reports_usage_errors_with_exit_code_2(tmp_path: Path) -> None:

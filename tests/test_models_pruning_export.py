@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from compress.errors import UsageError
-from compress.export import INPUT_NAME, OUTPUT_NAME, ParityError, export_onnx, make_session, parity_check, read_metadata
+from compress.export import INPUT_NAME, OUTPUT_NAME, ParityError, export_onnx, parity_check, read_metadata
 from compress.models import build_model, imagenet_weights_path, load_checkpoint, save_checkpoint
+from compress.runtime.sessions import OrtModel
 from compress.pruning import PruneSettings, conv_out_widths, count_macs_params, prune_to_macs, step_targets
 
 
@@ -120,9 +121,10 @@ def test_onnx_export_parity_metadata_and_dynamic_batch(tmp_path: Path) -> None:
     assert proto.opset_import[0].version >= 17
     assert [i.name for i in proto.graph.input] == [INPUT_NAME] and [o.name for o in proto.graph.output] == [OUTPUT_NAME]
     assert read_metadata(path)["classes"] == ["a", "b", "c"]
-    session = make_session(path)
+    session = OrtModel(path)
+    assert (session.input_name, session.output_name, session.provider) == (INPUT_NAME, OUTPUT_NAME, "cpu")
     for batch in (1, 7):
-        out = session.run([OUTPUT_NAME], {INPUT_NAME: np.random.rand(batch, 3, 32, 32).astype(np.float32)})[0]
+        out = session.predict(np.random.rand(batch, 3, 32, 32).astype(np.float32))
         assert out.shape == (batch, 3)
     batches = [torch.randn(8, 3, 32, 32) for _ in range(3)]
     result = parity_check(pruned, path, batches, tolerance=1e-4)

@@ -59,7 +59,7 @@ def test_run_with_block_scope_distillation_fp16_and_target_speedup(tmp_path: Pat
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Steering by speed-up stops at the first step that reaches it (the measurement is
     replaced by fixed figures here: timing is not what this test is about)."""
-    import bench.speedup
+    import compress.latency
 
     figures = {1: 1.2, 2: 1.6, 3: 3.0}
     calls: list[int] = []
@@ -69,7 +69,7 @@ def test_run_with_block_scope_distillation_fp16_and_target_speedup(tmp_path: Pat
         return {"backend": backend, "device": "CPUExecutionProvider", "batch": batch, "speedup": figures[step],
                 "speedup_band": [figures[step], figures[step]], "step0_p50_ms": 1.0, "p50_ms": 1 / figures[step]}
 
-    monkeypatch.setattr(bench.speedup, "measure_step_speedup", fake_measure)
+    monkeypatch.setattr(compress.latency, "measure_step_speedup", fake_measure)
     out = tmp_path / "run"
     options = list(TINY_OPTIONS)
     options[options.index("--prune-steps") + 1] = "3"
@@ -81,10 +81,12 @@ def test_run_with_block_scope_distillation_fp16_and_target_speedup(tmp_path: Pat
     assert [s["step"] for s in manifest["steps"]] == [0, 1, 2]
     assert manifest["stages"]["target_speedup"]["reached_at_step"] == 2
     for step in manifest["steps"]:
-        assert (out / step["onnx_fp16"]).is_file()
-        assert step["fp16"]["top1_agreement"] >= 0.9
+        fp16 = step["variants"]["fp16"]
+        assert (out / fp16["onnx"]).is_file() and fp16["bytes"] == (out / fp16["onnx"]).stat().st_size
+        assert fp16["top1_agreement"] >= 0.9 and fp16["accuracy"] is not None
+        assert step["variants"]["fp32"]["onnx"] == step["onnx"] and step["variants"]["fp32"]["top1_agreement"] == 1.0
     report = (out / "report.md").read_text()
-    assert "| ort-cpu | fp16 |" in report
+    assert "| 2 | fp16 |" in report and "| ort-cpu | 4 | 2 | fp16 |" in report
 
 
 def test_layer_caps_must_name_real_layers_and_stay_fixed(tiny_run: Path) -> None:

@@ -624,9 +624,9 @@ def test_session_provider_choice(store: Store) -> None:
 
 
 def _has_cuda_driver() -> bool:
-    from serve.runtime import _cuda_driver_present
+    from compress.runtime.sessions import cuda_driver_present
 
-    return _cuda_driver_present()
+    return cuda_driver_present()
 
 
 def test_fp16_precision_serves_the_fp16_export(store: Store, tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Backends a model can be measured on. Each one turns a model file into a predictor
+"""Backends a model can be measured on (``bench models``, the closing report, ``--target-speedup``). Each one turns a model file into a predictor
 (images in, logits out, for accuracy) and a timed callable on a fixed batch (for latency).
 
 - ``ort-cpu``: ONNX Runtime CPU provider, numpy in and out.
@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from compress.errors import UsageError
+from .errors import UsageError
 
 BACKENDS = ("ort-cpu", "ort-cuda", "torch", "torch-cpu", "torch-cuda")
 ONNX_BACKENDS = ("ort-cpu", "ort-cuda")
@@ -37,67 +37,28 @@ class Prepared:
 
 
 def _ort(path: Path, provider: str, threads: int | None) -> Prepared:
-    from compress.cli_support import first_line
-    from compress.export import INPUT_NAME, OUTPUT_NAME, make_session
+    from .cli_support import first_line
+    from .runtime.sessions import OrtModel, ProviderUnavailable, SessionSettings
 
     if provider == "cuda":
-        _preload_cuda_libraries()
+        import torch  # noqa: F401  (the CUDA build of onnxruntime finds its libraries once torch is loaded)
+    settings = SessionSettings(provider, threads=threads, spinning=False)
     try:
-        session = make_session(path, provider, threads=threads, spinning=False)
+        model = OrtModel(path, settings)
+    except ProviderUnavailable as exc:
+        raise BackendUnavailable(str(exc)) from None
     except Exception as exc:  # onnxruntime's own exception types: a model this provider cannot run
         raise BackendUnavailable(f"ONNX Runtime cannot load {path.name} on {provider}: {first_line(exc)}") from None
-    used = session.get_providers()[0]
-    # an fp16 export may keep float16 inputs: feed what the model declares
-    dtype = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
-    if provider == "cuda" and used != "CUDAExecutionProvider":
-        raise BackendUnavailable(f"ONNX Runtime's CUDA provider did not load (session runs on {used})")
-
-    def predict(images: np.ndarray) -> np.ndarray:
-        return session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(images, dtype=dtype)})[0].astype(np.float32)
-
-    def make_timed(images: np.ndarray) -> Callable[[], object]:
-        images = np.ascontiguousarray(images, dtype=dtype)
-        if provider != "cuda":
-            return lambda: session.run([OUTPUT_NAME], {INPUT_NAME: images})
-        import onnxruntime as ort
-
-        binding = session.io_binding()
-        device_input = ort.OrtValue.ortvalue_from_numpy(images, "cuda", 0)
-        binding.bind_ortvalue_input(INPUT_NAME, device_input)
-        binding.bind_output(OUTPUT_NAME, "cuda", 0)
-
-        def run() -> None:
-            binding.synchronize_inputs()
-            session.run_with_iobinding(binding)
-            binding.synchronize_outputs()
-
-        return run
-
-    return Prepared(f"ort-{provider}", used, predict, make_timed,
-                    {"providers": session.get_providers(), "input_type": session.get_inputs()[0].type,
-                     "intra_op_threads": threads})
-
-
-def _preload_cuda_libraries() -> None:
-    """onnxruntime-gpu finds CUDA/cuDNN from the pip wheels once torch is imported and
-    ``preload_dlls`` has run (see GPU.md)."""
-    import onnxruntime as ort
-    import torch  # noqa: F401  (loads the CUDA libraries onnxruntime links against)
-
-    if not torch.cuda.is_available():
-        raise BackendUnavailable("no CUDA device")
-    if hasattr(ort, "preload_dlls"):
-        try:
-            ort.preload_dlls()
-        except Exception:  # the provider check below reports the real failure
-            pass
+    return Prepared(f"ort-{provider}", model.device, model.predict, model.timed_call,
+                    {"providers": model.session.get_providers(), "input_type": model.input_type,
+                     "session": settings.describe()})
 
 
 def _torch(checkpoint: Path, threads: int | None, want: str) -> Prepared:
     """``want``: "auto" (CUDA when available), "cpu" or "cuda"."""
     import torch
 
-    from compress.models import load_checkpoint
+    from .models import load_checkpoint
 
     if want == "cuda" and not torch.cuda.is_available():
         raise BackendUnavailable("no CUDA device (torch.cuda.is_available() is False)")

@@ -1,0 +1,125 @@
+"""Precision variants of a step: build each one from the step's fp32 ONNX file and measure it
+against that fp32 file on the whole validation split, all through one mechanism.
+
+- ``fp16``: onnxconverter-common, inputs and outputs kept fp32 (``export.export_fp16``).
+- ``int8``: ONNX Runtime static quantization (``quantize``), the format chosen by measuring.
+
+Every variant's manifest record has ``onnx``, ``bytes``, ``accuracy`` (top-1 through ONNX
+Runtime on the whole validation split), ``top1_agreement`` and ``max_abs_diff`` against the
+same step's fp32, ``accuracy_drop`` and ``flagged`` (lost more than ``--max-accuracy-drop``)."""
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from . import export as onnx_export
+from . import quantize
+from .data import DataBundle
+from .errors import UsageError
+from .runtime.precisions import VARIANT_FILES
+from .runtime.sessions import OrtModel, SessionSettings
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+def evaluate_variants(paths: dict[str, Path], batches: Batches) -> dict[str, dict[str, Any]]:
+    """One pass over the validation batches through every file (CPU): accuracy of each, and
+    top-1 agreement and max |logit difference| of each against ``paths['fp32']``."""
+    models = {p: OrtModel(path, SessionSettings("cpu", threads=None, spinning=False)) for p, path in paths.items()}
+    correct = {p: 0 for p in paths}
+    agree = {p: 0 for p in paths}
+    max_diff = {p: 0.0 for p in paths}
+    seen = 0
+    for images, labels in batches:
+        x = images.numpy().astype(np.float32)
+        y = labels.numpy()
+        reference = models["fp32"].predict(x)
+        for precision, model in models.items():
+            logits = reference if precision == "fp32" else model.predict(x)
+            correct[precision] += int((logits.argmax(1) == y).sum())
+            agree[precision] += int((logits.argmax(1) == reference.argmax(1)).sum())
+            max_diff[precision] = max(max_diff[precision], float(np.abs(logits - reference).max()))
+        seen += len(y)
+    if seen == 0:
+        raise UsageError("the validation split is empty: nothing to measure the variants on")
+    return {p: {"accuracy": correct[p] / seen, "top1_agreement": agree[p] / seen, "max_abs_diff": max_diff[p],
+                "images": seen} for p in paths}
+
+
+def with_transform(dataset: Dataset, transform: Any) -> Dataset:
+    """A shallow copy of a dataset (or a ``Subset`` of one) that applies ``transform``."""
+    if isinstance(dataset, Subset):
+        return Subset(with_transform(dataset.dataset, transform), dataset.indices)
+    if not hasattr(dataset, "transform"):
+        raise TypeError(f"{type(dataset).__name__} has no transform to replace")
+    view = copy.copy(dataset)
+    view.transform = transform
+    return view
+
+
+def calibration_images(data: DataBundle, settings: quantize.Int8Settings) -> np.ndarray:
+    """Training images (seeded, class-stratified) through the evaluation transform, as float32 NCHW."""
+    indices = quantize.stratified_indices(data.train_labels, settings.calibration_images, settings.seed)
+    if not indices:
+        raise UsageError("no calibration images: the training split is empty")
+    view = Subset(with_transform(data.train, data.preprocessing.eval_transform()), indices)
+    loader = DataLoader(view, batch_size=64, shuffle=False, num_workers=0)
+    return np.concatenate([images.numpy() for images, _ in loader]).astype(np.float32)
+
+
+def _record(run_dir: Path, path: Path, metrics: dict[str, Any], fp32_accuracy: float, max_drop: float,
+            details: dict[str, Any]) -> dict[str, Any]:
+    drop = fp32_accuracy - metrics["accuracy"]
+    return {"onnx": path.resolve().relative_to(run_dir.resolve()).as_posix(), "bytes": path.stat().st_size,
+            "accuracy": metrics["accuracy"], "top1_agreement": metrics["top1_agreement"],
+            "max_abs_diff": metrics["max_abs_diff"], "accuracy_drop": drop, "flagged": drop > max_drop + 1e-12,
+            "images": metrics["images"], **details}
+
+
+def build_int8(fp32_path: Path, folder: Path, calibration: np.ndarray, val_batches: Batches,
+               settings: quantize.Int8Settings, probe: np.ndarray) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """Quantize every candidate format, measure each (accuracy on the validation split; batch-1
+    latency on ``probe`` interleaved with fp32, ORT CPU, spinning off), keep the chosen one as
+    ``model_int8.onnx``. Returns its path, its metrics and the manifest details."""
+    scratch = folder / ".int8-candidates"
+    shutil.rmtree(scratch, ignore_errors=True)  # left by a killed run: redo
+    scratch.mkdir(parents=True)
+    try:
+        files = {fmt: scratch / f"{fmt}.onnx" for fmt in settings.candidates()}
+        for fmt, path in files.items():
+            quantize.quantize_file(fp32_path, path, calibration, fmt=fmt, method=settings.calibration_method)
+        batches = list(val_batches)
+        metrics = evaluate_variants({"fp32": fp32_path, **files}, batches)
+        runners = {name: OrtModel(path, SessionSettings("cpu", spinning=False)).timed_call(probe[:1])
+                   for name, path in {"fp32": fp32_path, **files}.items()}
+        latency = quantize.time_formats(runners) if len(files) > 1 else {}
+        fp32_ms = latency.get("fp32")
+        tried = {fmt: {"accuracy": metrics[fmt]["accuracy"], "top1_agreement": metrics[fmt]["top1_agreement"],
+                       "p50_ms": latency.get(fmt), "speedup_vs_fp32": (fp32_ms / latency[fmt]) if fmt in latency else None}
+                 for fmt in files}
+        if len(files) > 1:
+            chosen, _ = quantize.pick_format(tried, metrics["fp32"]["accuracy"], settings.max_accuracy_drop)
+        else:
+            chosen = next(iter(files))
+        target = folder / VARIANT_FILES["int8"]
+        shutil.move(str(files[chosen]), str(target))
+        details = {"format": chosen, "format_choice": settings.int8_format,
+                   "calibration": settings.calibration_record(len(calibration)),
+                   "formats_tried": tried if len(files) > 1 else None,
+                   "timing": {"batch": 1, "backend": "ort-cpu", "intra_op_threads": "ort default",
+                              "intra_op_spinning": False, "fp32_p50_ms": fp32_ms} if len(files) > 1 else None}
+        return target, metrics[chosen], details
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def build_fp16(fp32_path: Path, folder: Path) -> Path:
+    target = folder / VARIANT_FILES["fp16"]
+    onnx_export.export_fp16(fp32_path, target)
+    return target
