@@ -151,12 +151,9 @@ app.command(name="finetune", epilog=RUN_EXAMPLES)(_with_run_options(
 
 
 def _reopen(run_dir: Path, device: str | None) -> Any:
-    from .pipeline import open_run, resolve_device
+    from .pipeline import open_run
 
-    run_ = open_run(run_dir, None)
-    if device is not None:
-        run_.device = resolve_device(device)
-    return run_
+    return open_run(run_dir, None, device=device)
 
 
 @app.command()
