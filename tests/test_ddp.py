@@ -26,8 +26,9 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/environ").exists() or not t
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 CLI = ["-m", "compress.cli"]
 # uniform scope: every layer keeps the same fraction, so the structure does not depend on the
-# trained weights (which differ between 1 and 2 processes) and can be compared
-OPTIONS = [*TINY_OPTIONS, "--scope", "uniform"]
+# trained weights (which differ between 1 and 2 processes) and can be compared; the
+# class-balanced sampler, to train with its distributed twin
+OPTIONS = [*TINY_OPTIONS, "--scope", "uniform", "--balance", "sampler"]
 
 
 def _env() -> dict[str, str]:
@@ -129,17 +130,19 @@ def test_torchrun_run_survives_kill_9_of_a_rank_and_matches_single_process(tmp_p
     saved = torch.load(state, weights_only=True)
     done_before = saved["history"]
 
-    # 2: the same command in its multi-node form (2 nodes x 1 process on this machine) resumes it
+    # 2: the same command in its multi-node form (2 nodes x 1 process on this machine) resumes
+    # it, now with the images held as tensors (an execution-only option: a resume may change it)
     port = _free_port()
     nodes = [subprocess.Popen([*TORCHRUN, "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
-                               "--master_addr", "127.0.0.1", "--master_port", str(port), *CLI, *args],
+                               "--master_addr", "127.0.0.1", "--master_port", str(port), *CLI, *args,
+                               "--data-on-device", "on"],
                               env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for rank in (0, 1)]
     errors = [node.communicate(timeout=240)[1] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], errors[0][-3000:] + errors[1][-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
     finetune = manifest["stages"]["finetune"]
-    assert [h["epoch"] for h in finetune["history"]] == [0, 1]
+    assert [h["epoch"] for h in finetune["history"]] == [0, 1] and finetune["data_on_device"]
     assert finetune["history"][:len(done_before)] == done_before, "finished epochs were kept, not redone"
     assert manifest["world_size"] == 2 and manifest["backend"] == "gloo"
     for stage in (finetune, manifest["steps"][1]["retrain"]):
