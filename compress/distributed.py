@@ -81,8 +81,10 @@ def world() -> World:
 
 
 def active() -> bool:
-    """More than one process and the process group is up: collectives are needed."""
-    return _world is not None and _world.world_size > 1 and dist.is_initialized()
+    """More than one process and the process group is up: collectives are needed. False inside
+    a rank-0-only section, where rank 0 works as a single process would (whole validation set,
+    no DDP) while the others wait."""
+    return _world is not None and _world.world_size > 1 and dist.is_initialized() and not _inside_main_only
 
 
 def is_main() -> bool:
@@ -229,7 +231,7 @@ def main_process_only(stage: Callable[..., T]) -> Callable[..., T]:
 
     @functools.wraps(stage)
     def wrapper(run: Any, *args: Any, **kwargs: Any) -> T:
-        if not active() or _inside_main_only:  # single process, or nested in another such stage
+        if not active():  # single process, or nested in another such stage
             return stage(run, *args, **kwargs)
 
         def on_main() -> T:

@@ -501,6 +501,7 @@ def report(run: Run, *, redo: bool = False) -> dict[str, Any]:
     return summary
 
 
+@distributed.main_process_only
 def sensitivity(run: Run, *, step: int = 0, ratios: tuple[float, ...] | None = None,
                 tolerance: float = 0.02) -> dict[str, Any]:
     """Per-group pruning sensitivity of a finished step (``compress sensitivity``)."""
@@ -508,8 +509,6 @@ def sensitivity(run: Run, *, step: int = 0, ratios: tuple[float, ...] | None = N
 
     from . import sensitivity as sens
 
-    if distributed.active():
-        distributed.usage_error_everywhere("compress sensitivity runs in one process: start it without torchrun")
     model = run.load_step_model(step)
     _, val_loader = run.training_loaders()
     ratios = ratios or sens.DEFAULT_RATIOS
