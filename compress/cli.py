@@ -43,7 +43,7 @@ Model = Annotated[Optional[str], typer.Option(help="Start from this fine-tuned c
 Stem = Annotated[Optional[str], typer.Option(help="imagenet (7x7/2 + max-pool) or cifar (3x3/1) for torchvision ResNets.")]
 InputSize = Annotated[Optional[int], typer.Option(help="Input resolution (default: 32 for small images, else 224).")]
 Epochs = Annotated[Optional[int], typer.Option(help="Fine-tuning epochs.")]
-BatchSize = Annotated[Optional[int], typer.Option(help="Training batch size.")]
+BatchSize = Annotated[Optional[int], typer.Option(help="Training batch size (per process under torchrun: the global batch is this x the number of processes).")]
 Optimizer = Annotated[Optional[str], typer.Option(help="adam, sgd or adam-then-sgd.")]
 Lr = Annotated[Optional[float], typer.Option(help="Adam learning rate.")]
 SgdLr = Annotated[Optional[float], typer.Option(help="SGD learning rate.")]
