@@ -43,7 +43,7 @@ Model = Annotated[Optional[str], typer.Option(help="Start from this fine-tuned c
 Stem = Annotated[Optional[str], typer.Option(help="imagenet (7x7/2 + max-pool) or cifar (3x3/1) for torchvision ResNets.")]
 InputSize = Annotated[Optional[int], typer.Option(help="Input resolution (default: 32 for small images, else 224).")]
 Epochs = Annotated[Optional[int], typer.Option(help="Fine-tuning epochs.")]
-BatchSize = Annotated[Optional[int], typer.Option(help="Training batch size.")]
+BatchSize = Annotated[Optional[int], typer.Option(help="Training batch size (per process under torchrun: the global batch is this x the number of processes).")]
 Optimizer = Annotated[Optional[str], typer.Option(help="adam, sgd or adam-then-sgd.")]
 Lr = Annotated[Optional[float], typer.Option(help="Adam learning rate.")]
 SgdLr = Annotated[Optional[float], typer.Option(help="SGD learning rate.")]
@@ -158,12 +158,9 @@ app.command(name="finetune", epilog=RUN_EXAMPLES)(_with_run_options(
 
 
 def _reopen(run_dir: Path, device: str | None) -> Any:
-    from .pipeline import open_run, resolve_device
+    from .pipeline import open_run
 
-    run_ = open_run(run_dir, None)
-    if device is not None:
-        run_.device = resolve_device(device)
-    return run_
+    return open_run(run_dir, None, device=device)
 
 
 @app.command()

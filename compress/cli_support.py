@@ -3,6 +3,7 @@ code (0 success, 2 bad usage or bad input, 1 unexpected failure), never a traceb
 terminal. Shared by ``compress`` and ``bench``."""
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import traceback
@@ -30,6 +31,8 @@ def run_app(app: typer.Typer, prog: str, argv: Sequence[str] | None = None,
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.TyperException as exc:  # typer's (vendored click) usage errors: bad flags, bad values
+        if os.environ.get("RANK", "0") != "0":  # under torchrun every rank parses the same argv: rank 0 says it
+            sys.exit(getattr(exc, "exit_code", 2) or 2)
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         print(f"{prog}: error: {first_line(Exception(message))}", file=sys.stderr)
         sys.exit(getattr(exc, "exit_code", 2) or 2)

@@ -277,16 +277,22 @@ def balanced_sample_weights(bundle: DataBundle) -> torch.Tensor:
 
 
 def make_loaders(bundle: DataBundle, *, batch_size: int, balance: str, seed: int, workers: int,
-                 pin_memory: bool = False) -> tuple[DataLoader, DataLoader]:
+                 pin_memory: bool = False, rank: int = 0, world_size: int = 1) -> tuple[DataLoader, DataLoader]:
     """Train loader (shuffled, or a class-balanced sampler for ``balance='sampler'``) and an
-    ordered val loader."""
-    generator = torch.Generator().manual_seed(seed)
-    sampler = None
-    if balance == "sampler":
-        weights = balanced_sample_weights(bundle)
+    ordered val loader. With ``world_size`` > 1 (torchrun), rank ``rank``'s shards of both."""
+    generator = torch.Generator().manual_seed(seed + rank)
+    sampler = val_sampler = None
+    weights = balanced_sample_weights(bundle) if balance == "sampler" else None
+    if world_size > 1:
+        from .distributed import shard_samplers
+
+        sampler, val_sampler = shard_samplers(len(bundle.train_labels), len(bundle.val_labels), rank=rank,
+                                              world_size=world_size, seed=seed, weights=weights)
+    elif weights is not None:
         sampler = WeightedRandomSampler(weights.double(), num_samples=len(weights), replacement=True, generator=generator)
+    train_count = len(sampler) if world_size > 1 else len(bundle.train_labels)
     common: dict[str, Any] = {"num_workers": workers, "pin_memory": pin_memory, "persistent_workers": workers > 0}
     train = DataLoader(bundle.train, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
-                       generator=generator, drop_last=len(bundle.train_labels) > batch_size, **common)
-    val = DataLoader(bundle.val, batch_size=max(batch_size, 256), shuffle=False, **common)
+                       generator=generator, drop_last=train_count > batch_size, **common)
+    val = DataLoader(bundle.val, batch_size=max(batch_size, 256), shuffle=False, sampler=val_sampler, **common)
     return train, val

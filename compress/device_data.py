@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms
 
 from .data import Augmentation, DataBundle, Preprocessing, balanced_sample_weights
+from .distributed import shard
 
 AUTO_MAX_BYTES = 4 * 1024**3
 """``--data-on-device auto`` holds the data on a CUDA device when the stored images take at
@@ -129,11 +130,15 @@ def _normalise(pixels: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
 
 class DeviceLoader:
     """Batches of (images, labels) from tensors on the device: shuffled or class-balanced and
-    augmented (training), or in order and only normalised (evaluation)."""
+    augmented (training), or in order and only normalised (evaluation). Under torchrun each
+    rank holds every image and takes its shard of each epoch's order (``rank``/``world_size``,
+    see ``compress.distributed.shard``): training shards padded to equal lengths, evaluation
+    shards disjoint."""
 
     def __init__(self, images: torch.Tensor, labels: Sequence[int], preprocessing: Preprocessing, *, batch_size: int,
                  augmentation: DeviceAugmentation | None = None, shuffle: bool = False,
-                 sample_weights: torch.Tensor | None = None, drop_last: bool = False, seed: int = 0) -> None:
+                 sample_weights: torch.Tensor | None = None, drop_last: bool = False, seed: int = 0,
+                 rank: int = 0, world_size: int = 1) -> None:
         self.images = images
         self.labels = torch.as_tensor(list(labels), dtype=torch.long, device=images.device)
         self.preprocessing = preprocessing
@@ -142,6 +147,7 @@ class DeviceLoader:
         self.shuffle = shuffle
         self.sample_weights = sample_weights
         self.drop_last = drop_last
+        self.rank, self.world_size = rank, world_size
         self.order_generator = torch.Generator()
         self.augment_generator = torch.Generator(device=images.device)
         self.reseed(seed)
@@ -149,11 +155,17 @@ class DeviceLoader:
     def reseed(self, seed: int) -> None:
         """Restart the random order and augmentation draws (each training stage starts from
         the seed, as DataLoaders made afresh do, so a resumed run draws what a straight one does)."""
-        self.order_generator.manual_seed(seed)
-        self.augment_generator.manual_seed(seed)
+        self.order_generator.manual_seed(seed)  # the same order on every rank: each takes its shard
+        self.augment_generator.manual_seed(seed + 1_000_003 * self.rank)  # other draws on every rank
+
+    @property
+    def _training(self) -> bool:
+        return self.shuffle or self.sample_weights is not None
 
     def __len__(self) -> int:
         count = len(self.labels)
+        if self.world_size > 1:
+            count = math.ceil(count / self.world_size) if self._training else len(range(self.rank, count, self.world_size))
         return count // self.batch_size if self.drop_last else math.ceil(count / self.batch_size)
 
     def _order(self) -> torch.Tensor:
@@ -164,6 +176,8 @@ class DeviceLoader:
             order = torch.randperm(count, generator=self.order_generator)
         else:
             order = torch.arange(count)
+        if self.world_size > 1:
+            order = shard(order, self.rank, self.world_size, pad=self._training)
         return order.to(self.images.device)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -178,15 +192,18 @@ class DeviceLoader:
 
 
 def device_loaders(bundle: DataBundle, augmentation: Augmentation, device: torch.device, *, batch_size: int,
-                   balance: str, seed: int, workers: int) -> tuple[DeviceLoader, DeviceLoader]:
+                   balance: str, seed: int, workers: int, rank: int = 0,
+                   world_size: int = 1) -> tuple[DeviceLoader, DeviceLoader]:
     """The train and val loaders of ``bundle`` with the images decoded once onto ``device``;
-    same batching rules as ``data.make_loaders``."""
+    same batching and sharding rules as ``data.make_loaders``."""
     pre = bundle.preprocessing
     train_images = decode_all(bundle.train, pre.resize, pre.resize, workers=workers).to(device)
     val_images = decode_all(bundle.val, pre.resize, pre.input_size, workers=workers).to(device)
     weights = balanced_sample_weights(bundle) if balance == "sampler" else None
     train = DeviceLoader(train_images, bundle.train_labels, pre, batch_size=batch_size,
                          augmentation=DeviceAugmentation(augmentation, pre), shuffle=True, sample_weights=weights,
-                         drop_last=len(bundle.train_labels) > batch_size, seed=seed)
-    val = DeviceLoader(val_images, bundle.val_labels, pre, batch_size=max(batch_size, 256))
+                         drop_last=math.ceil(len(bundle.train_labels) / world_size) > batch_size, seed=seed,
+                         rank=rank, world_size=world_size)
+    val = DeviceLoader(val_images, bundle.val_labels, pre, batch_size=max(batch_size, 256), rank=rank,
+                       world_size=world_size)
     return train, val

@@ -11,7 +11,11 @@ Layout of a run directory::
 
 Every stage is idempotent: it skips what the manifest says is finished and redoes the rest.
 The manifest is rewritten (atomically) after each finished unit of work, so ``kill -9`` at any
-moment loses at most the unit in progress."""
+moment loses at most the unit in progress.
+
+Under torchrun every process runs the same stages: training in all of them (DDP), everything
+that writes in rank 0 alone (``@distributed.main_process_only``), the others waiting and then
+taking rank 0's manifest and reading the checkpoints it wrote."""
 from __future__ import annotations
 
 import os
@@ -25,24 +29,26 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from . import distributed
 from . import export as onnx_export
 from . import models
 from .config import RunConfig, config_differences
 from .data import DataBundle, Preprocessing, class_weights, load_data, make_loaders
 from .errors import UsageError
 from .pruning import conv_out_widths, count_macs_params, prune_to_macs, step_targets
-from .rundir import read_manifest, relative, write_manifest
-from .runtime.precisions import PRECISIONS, VARIANT_FILES
+from .rundir import MANIFEST, read_manifest, relative, write_manifest
 from .runtime.machine import library_versions
+from .runtime.precisions import PRECISIONS, VARIANT_FILES
 from .training import evaluate, fit
 
 console = Console(stderr=True)
 def resolve_device(name: str) -> torch.device:
+    """``auto``, ``cpu`` or ``cuda``; under torchrun ``cuda`` is this process's GPU, ``cuda:LOCAL_RANK``."""
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: CUDA is not available on this machine (use --device auto or cpu)")
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return distributed.local_device(torch.device(name))
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
@@ -62,7 +68,8 @@ class Run:
 
     # --- bookkeeping -------------------------------------------------------------------------
     def save(self) -> None:
-        write_manifest(self.run_dir, self.manifest)
+        if distributed.is_main():
+            write_manifest(self.run_dir, self.manifest)
 
     def step_entry(self, step: int) -> dict[str, Any] | None:
         return next((s for s in self.manifest["steps"] if s["step"] == step), None)
@@ -79,8 +86,9 @@ class Run:
     def _workers(self) -> int:
         if self.config.workers is not None:
             return self.config.workers
-        # in-memory data needs no worker processes
-        return 0 if self.data.layout == "embedded" else min(4, max(1, (os.cpu_count() or 1) - 1))
+        # in-memory data needs no worker processes; the training processes of a node share its cores
+        cores = (os.cpu_count() or 1) // distributed.world().local_world_size
+        return 0 if self.data.layout == "embedded" else min(4, max(1, cores - 1))
 
     def loaders(self) -> tuple[Any, Any]:
         """DataLoaders of CPU tensors (export, parity checks and measurements take these)."""
@@ -95,16 +103,21 @@ class Run:
 
     def training_loaders(self) -> tuple[Any, Any]:
         """Loaders for training and evaluation: with ``--data-on-device`` the images decoded
-        once onto the device (kept for the whole command), else ``loaders()``."""
+        once onto the device (kept for the whole command), else like ``loaders()``; under
+        torchrun this rank's shards (``--batch-size`` is per rank)."""
+        shards = {"rank": distributed.world().rank, "world_size": distributed.world().world_size} \
+            if distributed.active() else {}
         if not self.data_on_device:
-            return self.loaders()
+            return make_loaders(self.data, batch_size=self.config.batch_size, balance=self.config.balance,
+                                seed=self.config.seed, workers=self._workers(), pin_memory=self.device.type == "cuda",
+                                **shards)
         if self._training_loaders is None:
             from .device_data import device_loaders
 
             started = time.perf_counter()
             self._training_loaders = device_loaders(
                 self.data, self.config.augmentation(), self.device, batch_size=self.config.batch_size,
-                balance=self.config.balance, seed=self.config.seed, workers=self._workers())
+                balance=self.config.balance, seed=self.config.seed, workers=self._workers(), **shards)
             console.print(f"[dim]data held on {self.device}: {len(self.data.train_labels)} + "
                           f"{len(self.data.val_labels)} images decoded in {time.perf_counter() - started:.1f} s[/]")
         for loader in self._training_loaders:
@@ -124,21 +137,71 @@ class Run:
         return model
 
 
-def open_run(run_dir: Path, config: RunConfig | None, *, force: bool = False) -> Run:
+def open_run(run_dir: Path, config: RunConfig | None, *, force: bool = False, device: str | None = None) -> Run:
     """Create or reopen a run directory.
 
     With ``config``: a new run is started, or an existing one is checked to have been made
     with the same options (``force`` wipes it and starts again). Without: the config
-    recorded in the manifest is used (stage commands that take only RUN_DIR)."""
+    recorded in the manifest is used (stage commands that take only RUN_DIR). ``device``
+    overrides the config's (stage commands' ``--device``).
+
+    Under torchrun the process group is set up here (NCCL for CUDA, gloo for the CPU); rank 0
+    alone checks and writes the run directory, the other ranks then take its manifest and load
+    the data themselves."""
     run_dir = Path(run_dir)
+    if not distributed.launched():
+        return _open_run(run_dir, config, force=force, device=device)
+    distributed.setup(resolve_device(device or _device_option(run_dir, config)))
+    opened = distributed.run_on_main(lambda: _open_run(run_dir, config, force=force, device=device))
+    manifest = distributed.broadcast_object(opened.manifest if opened is not None else None)
+    error = None
+    if opened is None:
+        try:
+            opened = _join_run(run_dir, manifest, device)
+        except BaseException as exc:  # noqa: BLE001 - every rank hears of it in settle()
+            error = exc
+    distributed.settle(error)
+    console.quiet = not distributed.is_main()
+    return opened
+
+
+def _device_option(run_dir: Path, config: RunConfig | None) -> str:
+    """The ``--device`` a command will use, known before the run is opened (it picks the backend)."""
+    if config is not None:
+        return config.device
+    manifest = read_manifest(run_dir) if run_dir.is_dir() else None
+    return str((manifest or {}).get("config", {}).get("device", "auto"))
+
+
+def _stored_config(manifest: dict[str, Any]) -> RunConfig:
+    return RunConfig(**{k: v for k, v in manifest["config"].items() if k in RunConfig.option_names()})
+
+
+def _load_data(config: RunConfig) -> DataBundle:
+    return load_data(config.data, augment=config.augmentation(), val_fraction=config.val_fraction,
+                     seed=config.seed, input_size=config.input_size)
+
+
+def _join_run(run_dir: Path, manifest: dict[str, Any], device: str | None) -> Run:
+    """A rank other than 0: the run that rank 0 opened, with the data loaded here."""
+    if not (run_dir / MANIFEST).is_file():
+        import socket
+
+        raise UsageError(f"rank {distributed.world().rank} on {socket.gethostname()} does not see {run_dir / MANIFEST} "
+                         "that rank 0 wrote: --out must be on a filesystem that every node shares")
+    config = _stored_config(manifest)
+    return Run(run_dir, config, manifest, _load_data(config), resolve_device(device or config.device))
+
+
+def _open_run(run_dir: Path, config: RunConfig | None, *, force: bool, device: str | None) -> Run:
+    """``open_run`` in one process (rank 0 under torchrun)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--out {run_dir} exists and is not a folder")
     manifest = read_manifest(run_dir) if run_dir.is_dir() else None
     if config is None:
         if manifest is None:
             raise UsageError(f"{run_dir} is not a run directory (no manifest.json); start it with `compress run`")
-        stored = {k: v for k, v in manifest["config"].items() if k in RunConfig.option_names()}
-        config = RunConfig(**stored)
+        config = _stored_config(manifest)
     elif manifest is not None:
         differences = config_differences(manifest.get("config", {}), config.to_dict())
         if differences and not force:
@@ -153,14 +216,13 @@ def open_run(run_dir: Path, config: RunConfig | None, *, force: bool = False) ->
         raise UsageError(f"--model {config.model}: no such file")
     if config.weights not in ("auto", "imagenet", "none") and not Path(config.weights).is_file():
         raise UsageError(f"--weights {config.weights}: no such file (use imagenet, none, auto or a state-dict file)")
-    device = resolve_device(config.device)
+    resolved_device = resolve_device(device or config.device)
     if config.target_speedup is not None and config.latency_backend == "ort-cuda":
         import onnxruntime
 
         if "CUDAExecutionProvider" not in onnxruntime.get_available_providers() or not torch.cuda.is_available():
             raise UsageError("--latency-backend ort-cuda: no CUDA device or ONNX Runtime CUDA provider on this machine")
-    data = load_data(config.data, augment=config.augmentation(), val_fraction=config.val_fraction,
-                     seed=config.seed, input_size=config.input_size)
+    data = _load_data(config)
     if manifest is None:
         run_dir.mkdir(parents=True, exist_ok=True)
         manifest = {"format": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "steps": [], "stages": {}}
@@ -169,7 +231,8 @@ def open_run(run_dir: Path, config: RunConfig | None, *, force: bool = False) ->
     manifest["config"] = config.to_dict()
     manifest["versions"] = library_versions()
     manifest["command"] = " ".join([Path(sys.argv[0]).name] + sys.argv[1:])
-    run = Run(run_dir, config, manifest, data, device)
+    manifest.setdefault("world_size", distributed.world().world_size)  # then that of the latest training stage
+    run = Run(run_dir, config, manifest, data, resolved_device)
     run.save()
     return run
 
@@ -180,6 +243,7 @@ def _resolved_weights(config: RunConfig) -> str:
     return "imagenet" if models.imagenet_weights_available(config.arch) and config.stem == "imagenet" else "none"
 
 
+@distributed.main_process_only
 def _record_step(run: Run, step: int, model: torch.nn.Module, accuracy: float, extra: dict[str, Any]) -> None:
     """Save the step's checkpoint and its manifest entry."""
     folder = step_dir(run.run_dir, step)
@@ -206,15 +270,15 @@ def finetune(run: Run) -> None:
     if config.model is not None:
         model, meta = models.load_checkpoint(Path(config.model), trust_pickle=config.trust_pickle)
         if meta.get("classes") not in (None, run.data.classes):
-            raise UsageError(f"--model {config.model} was trained on classes {meta['classes']}, "
-                             f"the data has {run.data.classes}")
+            distributed.usage_error_everywhere(f"--model {config.model} was trained on classes {meta['classes']}, "
+                                               f"the data has {run.data.classes}")
         accuracy = evaluate(model.to(run.device), val_loader, run.device)
         run.manifest["stages"]["finetune"] = {"skipped": "started from --model", "model": str(config.model)}
         _record_step(run, 0, model.cpu(), accuracy, {"source": "model"})
         return
     weights = _resolved_weights(config)
-    model = models.build_model(config.arch, len(run.data.classes), weights=weights, stem=config.stem,
-                               trust_pickle=config.trust_pickle)
+    model = distributed.run_local_main_first(lambda: models.build_model(  # a weights download happens once per node
+        config.arch, len(run.data.classes), weights=weights, stem=config.stem, trust_pickle=config.trust_pickle))
     settings = config.finetune_settings(pretrained=weights != "none")
     started = time.perf_counter()
     result = fit(model, train_loader, val_loader, settings, device=run.device,
@@ -224,6 +288,7 @@ def finetune(run: Run) -> None:
         "weights": weights, "settings": settings.__dict__, "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run, "stopped_early": result.stopped_early, "history": result.history,
         "seconds": round(time.perf_counter() - started, 1), "device": str(run.device), "data_on_device": run.data_on_device,
+        **_training_world(run),
     }
     _record_step(run, 0, model.cpu(), result.best_accuracy, {"source": "finetune"})
     console.print(f"step 0 (fine-tuned): val accuracy {result.best_accuracy:.4f}")
@@ -233,22 +298,16 @@ def prune_step(run: Run, step: int) -> None:
     """Stage 2, one step: prune step-1 towards this step's MACs target, retrain, record."""
     if run.step_entry(step) is not None:
         return
-    config, pre = run.config, run.preprocessing
+    config = run.config
     settings = config.prune_settings()
     folder = step_dir(run.run_dir, step)
     base = run.step_entry(0)
     _check_layer_caps(run, settings.layer_caps, base["widths"])
     target = step_targets(base["macs"], settings)[step - 1]
     pruned_path = folder / "pruned.pt"
-    if pruned_path.exists():
-        model, meta = models.load_checkpoint(pruned_path)
-        prune_info = meta["extra"]["prune"]
-    else:
-        previous = run.load_step_model(step - 1)
-        model, prune_info = prune_to_macs(previous, target, settings, base["widths"], pre.input_size)
-        prune_info["target_macs"] = target
-        models.save_checkpoint(pruned_path, model, arch=config.arch, stem=config.stem, classes=run.data.classes,
-                               extra={"step": step, "prune": prune_info})
+    _write_pruned(run, step, target, pruned_path)  # under torchrun every rank then reads rank 0's file
+    model, meta = models.load_checkpoint(pruned_path)
+    prune_info = meta["extra"]["prune"]
     train_loader, val_loader = run.training_loaders()
     accuracy_before = evaluate(model.to(run.device), val_loader, run.device)
     teacher = run.load_step_model(0) if config.distill_weight > 0 else None
@@ -259,11 +318,35 @@ def prune_step(run: Run, step: int) -> None:
     _record_step(run, step, model.cpu(), result.best_accuracy, {
         "source": "prune", "prune": prune_info, "accuracy_before_retrain": accuracy_before,
         "retrain": {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "history": result.history,
-                    "seconds": round(time.perf_counter() - started, 1), "data_on_device": run.data_on_device},
+                    "seconds": round(time.perf_counter() - started, 1), "data_on_device": run.data_on_device,
+                    **_training_world(run)},
     })
     entry = run.step_entry(step)
     console.print(f"step {step}: MACs {entry['macs'] / base['macs']:.1%} of step 0, accuracy "
                   f"{accuracy_before:.4f} after pruning -> {result.best_accuracy:.4f} after retraining")
+
+
+@distributed.main_process_only
+def _write_pruned(run: Run, step: int, target: int, path: Path) -> None:
+    """Prune step-1 towards ``target`` MACs and save the result (before retraining) to ``path``,
+    unless a killed run left it there."""
+    if path.exists():
+        return
+    config = run.config
+    previous = run.load_step_model(step - 1)
+    model, prune_info = prune_to_macs(previous, target, config.prune_settings(), run.step_entry(0)["widths"],
+                                      run.preprocessing.input_size)
+    prune_info["target_macs"] = target
+    models.save_checkpoint(path, model, arch=config.arch, stem=config.stem, classes=run.data.classes,
+                           extra={"step": step, "prune": prune_info})
+
+
+def _training_world(run: Run) -> dict[str, Any]:
+    """The processes and batch sizes of a training stage; the top-level ``world_size`` and
+    ``backend`` say those of the run's latest training stage."""
+    world = distributed.describe(run.config.batch_size)
+    run.manifest["world_size"], run.manifest["backend"] = world["world_size"], world["backend"]
+    return world
 
 
 def _check_layer_caps(run: Run, caps: dict[str, float], widths: dict[str, int]) -> None:
@@ -271,20 +354,23 @@ def _check_layer_caps(run: Run, caps: dict[str, float], widths: dict[str, int]) 
     (the file is read again on resume)."""
     unknown = sorted(set(caps) - set(widths))
     if unknown:
-        raise UsageError(f"--layer-caps names layers this model does not have: {', '.join(unknown[:3])}")
+        distributed.usage_error_everywhere(
+            f"--layer-caps names layers this model does not have: {', '.join(unknown[:3])}")
     stored = run.manifest["stages"].get("layer_caps")
     if stored is None:
         run.manifest["stages"]["layer_caps"] = caps
         run.save()
     elif stored != caps:
-        raise UsageError(f"--layer-caps {run.config.layer_caps} changed since pruning started; restore it or use --force")
+        distributed.usage_error_everywhere(
+            f"--layer-caps {run.config.layer_caps} changed since pruning started; restore it or use --force")
 
 
 def prune(run: Run, *, export_each: bool = False) -> None:
     """Stage 2: the pruning steps. With ``--target-speedup`` each step is exported and its
     speed-up measured right away, and pruning stops at the first step that reaches it."""
     if run.step_entry(0) is None:
-        raise UsageError(f"{run.run_dir} has no fine-tuned model yet (step 0); run `compress finetune` first")
+        distributed.usage_error_everywhere(
+            f"{run.run_dir} has no fine-tuned model yet (step 0); run `compress finetune` first")
     steering = run.config.target_speedup is not None
     if steering:
         export_step(run, 0)
@@ -316,6 +402,7 @@ def _speedup_reached(run: Run) -> int | None:
     return None
 
 
+@distributed.main_process_only
 def _measure_speedup(run: Run, step: int) -> None:
     """Step ``step`` against step 0 on the steering backend, interleaved, recorded in its entry."""
     from .backends import BackendUnavailable
@@ -335,6 +422,7 @@ def _measure_speedup(run: Run, step: int) -> None:
                   f"batch {measured['batch']} (target {run.config.target_speedup}x)")
 
 
+@distributed.main_process_only
 def export_step(run: Run, step: int) -> None:
     """Stage 3, one step: ONNX export, checker, parity on validation images, then the step's
     precision variants (``--precisions``)."""
@@ -423,6 +511,7 @@ def build_variants(run: Run, step: int, precisions: tuple[str, ...], int8: Any) 
                       + (" [yellow]flagged: over the allowed drop[/]" if v["flagged"] else ""))
 
 
+@distributed.main_process_only
 def quantize(run: Run, *, steps: list[int] | None, int8: Any, precisions: tuple[str, ...] = ("fp32", "int8")) -> None:
     """``compress quantize``: add precision variants to finished, exported steps of a run, then
     refresh the closing report if the run had one."""
@@ -444,6 +533,7 @@ def export(run: Run) -> None:
         export_step(run, entry["step"])
 
 
+@distributed.main_process_only
 def report(run: Run, *, redo: bool = False) -> dict[str, Any]:
     """Stage 4: ORT CPU latency of every step (interleaved, one run) and the closing report.
     Kept when it already covers every step, unless ``redo`` (``compress report`` measures again)."""
@@ -465,6 +555,7 @@ def report(run: Run, *, redo: bool = False) -> dict[str, Any]:
     return summary
 
 
+@distributed.main_process_only
 def sensitivity(run: Run, *, step: int = 0, ratios: tuple[float, ...] | None = None,
                 tolerance: float = 0.02) -> dict[str, Any]:
     """Per-group pruning sensitivity of a finished step (``compress sensitivity``)."""

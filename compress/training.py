@@ -5,7 +5,12 @@ one ``evaluate``, a driver (:func:`fit`) that owns the schedule. What it adds fo
 head-only epochs with a frozen backbone (transfer learning), Adam then SGD, early stopping
 on validation accuracy with the best weights kept, AMP and channels_last on CUDA, optional
 distillation from a teacher, and a state file written after every epoch so that a killed run
-resumes at the last finished epoch."""
+resumes at the last finished epoch.
+
+Under torchrun (see :mod:`compress.distributed`) the same loop runs in every process with the
+model in DistributedDataParallel and the loaders sharded; losses and accuracies are summed over
+ranks, so every rank sees the same numbers and takes the same early-stopping decision. Rank 0
+alone writes the state file; every rank reads it on resume."""
 from __future__ import annotations
 
 import copy
@@ -21,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.utils.data import DataLoader
 
+from . import distributed
 from .models import freeze_backbone
 from .rundir import load_torch_safely, save_torch
 
@@ -111,6 +117,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> floa
             logits = model(images)
         correct += (logits.argmax(1) == labels.to(logits.device)).sum().item()
         total += labels.numel()
+    correct, total = distributed.all_reduce_sum([correct, total], device)  # each rank saw its own shard
     return correct / max(total, 1)
 
 
@@ -122,7 +129,8 @@ def _distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, criterion: nn.Module,
                     device: torch.device, scaler: torch.amp.GradScaler, settings: TrainSettings,
                     teacher: nn.Module | None, progress: Progress, task: Any) -> tuple[float, float, int]:
-    """One pass over ``loader``: mean loss, accuracy and the number of images trained on."""
+    """One pass over ``loader``: mean loss, accuracy and the number of images trained on (over
+    all ranks)."""
     model.train()
     use_amp = settings.amp and device.type == "cuda"
     loss_sum = correct = seen = 0.0
@@ -149,13 +157,16 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         correct += (logits.argmax(1) == labels).sum().item()
         seen += batch
         progress.update(task, advance=1, loss=loss_sum / seen, acc=correct / seen)
+    loss_sum, correct, seen = distributed.all_reduce_sum([loss_sum, correct, seen], device)
     return loss_sum / max(seen, 1), correct / max(seen, 1), int(seen)
 
 
 def make_progress() -> Progress:
+    """Progress bars, shown by rank 0 alone under torchrun."""
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("loss {task.fields[loss]:.3f} acc {task.fields[acc]:.3f}"),
-                    TextColumn("{task.fields[note]}"), TimeElapsedColumn(), transient=False)
+                    TextColumn("{task.fields[note]}"), TimeElapsedColumn(), transient=False,
+                    disable=not distributed.is_main())
 
 
 def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, settings: TrainSettings, *,
@@ -186,6 +197,7 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, sett
         torch.set_rng_state(saved["rng"])
     stopped_early = bool(saved and saved.get("stopped_early"))
     phase: str | None = None
+    net, net_frozen = model, None  # what trains: ``model``, or ``model`` in DDP under torchrun
     with make_progress() as progress:
         for epoch in range(start_epoch, settings.epochs):
             if stopped_early:
@@ -197,15 +209,21 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, sett
                     scheduler.load_state_dict(saved["scheduler"])
             frozen = epoch < settings.freeze_epochs
             freeze_backbone(model, frozen)
+            if frozen != net_frozen:  # DDP registers the parameters that train now
+                net, net_frozen = distributed.wrap(model, device), frozen
+            if distributed.active():
+                distributed.set_epoch(train_loader, epoch)
+                torch.manual_seed(distributed.epoch_seed(seed, epoch))
             task = progress.add_task(f"{label} {epoch + 1}/{settings.epochs} {phase}", total=len(train_loader),
                                      loss=0.0, acc=0.0, note="head only" if frozen else "")
             epoch_started = time.perf_counter()
-            train_loss, train_acc, images = train_one_epoch(model, train_loader, optimizer, criterion, device, scaler,
+            train_loss, train_acc, images = train_one_epoch(net, train_loader, optimizer, criterion, device, scaler,
                                                     settings, teacher, progress, task)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             images_per_second = images / max(time.perf_counter() - epoch_started, 1e-9)
             scheduler.step()
+            distributed.broadcast_buffers(model)  # every rank evaluates (and keeps) rank 0's BN statistics
             accuracy = evaluate(model, val_loader, device)
             history.append({"epoch": epoch, "phase": phase, "lr": optimizer.param_groups[0]["lr"],
                             "train_loss": train_loss, "train_accuracy": train_acc, "val_accuracy": accuracy,
@@ -217,12 +235,13 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, sett
                 since_best += 1
             stopped_early = bool(settings.patience and since_best >= settings.patience and not frozen)
             progress.update(task, note=f"val {accuracy:.4f} (best {best_accuracy:.4f})" + (" early stop" if stopped_early else ""))
-            save_torch(state_path, {
-                "epoch": epoch, "phase": phase, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "best_accuracy": best_accuracy, "best_epoch": best_epoch,
-                "best_state": best_state, "since_best": since_best, "history": history,
-                "rng": torch.get_rng_state(), "stopped_early": stopped_early,
-            })
+            if distributed.is_main():
+                save_torch(state_path, {
+                    "epoch": epoch, "phase": phase, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "best_accuracy": best_accuracy, "best_epoch": best_epoch,
+                    "best_state": best_state, "since_best": since_best, "history": history,
+                    "rng": torch.get_rng_state(), "stopped_early": stopped_early,
+                })
     freeze_backbone(model, False)
     if best_state is not None:
         model.load_state_dict(best_state)
