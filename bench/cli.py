@@ -137,18 +137,39 @@ def serve(
     timeout: Annotated[float, typer.Option(help="Seconds before one request counts as a timeout error.")] = 30.0,
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default: bench-serve/<timestamp>).")] = None,
     allow_remote: Annotated[bool, typer.Option("--allow-remote", help="Allow a target that is not this machine.")] = False,
+    baseline: Annotated[Optional[str], typer.Option(help="RUN_DIR[:STEP]: also time that model in this process (one ONNX "
+                                                         "Runtime CPU session, batch 1 and the service's mean batch) and "
+                                                         "report the service's fraction of it and the server's CPU per "
+                                                         "request (local services only).")] = None,
 ) -> None:
     """Closed-loop HTTP load test: latency percentiles, requests/s and errors by status code per concurrency."""
-    from .load import check_target, load_images, run_sweep
+    from urllib.parse import urlsplit
+
+    from .load import check_target, is_loopback, load_images, run_sweep
 
     levels = parse_ints(concurrency, "--concurrency")
     if requests < 1 or duration <= 0 or timeout <= 0 or (warmup is not None and warmup < 0):
         raise UsageError("--requests must be >= 1, --warmup >= 0, --duration and --timeout > 0")
     target = check_target(url, endpoint, allow_remote=allow_remote)
     payloads = load_images(images)
+    server_cpu = None
+    if baseline is not None:
+        from .baseline import ServerProcesses, fractions, in_process_throughput, mean_batch_size, parse_baseline
+
+        run_dir, step = parse_baseline(baseline)
+        parts = urlsplit(target)
+        if not is_loopback(parts.hostname or ""):
+            raise UsageError("--baseline needs a service on this machine (its CPU time is read from its processes)")
+        server_cpu = ServerProcesses(parts.port or 80).cpu_seconds
     doc = run_sweep(target, payloads, levels, requests=requests, duration=duration, timeout=timeout, field=field,
-                    warmup=warmup)
+                    warmup=warmup, server_cpu=server_cpu)
     doc["images"]["source"] = str(images)
+    if baseline is not None:
+        mean_batch = mean_batch_size(target)
+        batches = sorted({1, max(1, round(mean_batch))} if mean_batch else {1})
+        doc["baseline"] = in_process_throughput(run_dir, step, batches)
+        doc["baseline"]["service_mean_batch_size"] = mean_batch
+        fractions(doc, doc["baseline"])
     from .report import write_serve_report
 
     files = write_serve_report(doc, output_dir(out, Path("bench-serve")))

@@ -25,7 +25,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -158,7 +158,8 @@ async def _worker(session: aiohttp.ClientSession, url: str, uploads: Sequence[Up
 
 
 async def _level(url: str, uploads: Sequence[Upload], concurrency: int, *, requests: int, duration: float,
-                 timeout: float, warmup: int, timer: Timer) -> dict[str, Any]:
+                 timeout: float, warmup: int, timer: Timer,
+                 server_cpu: Callable[[], float] | None = None) -> dict[str, Any]:
     async with _session(concurrency, timeout) as session:
         models: Counter = Counter()
         if warmup:
@@ -166,13 +167,17 @@ async def _level(url: str, uploads: Sequence[Upload], concurrency: int, *, reque
             await asyncio.gather(*(_worker(session, url, uploads, state, [], models, timer)
                                    for _ in range(min(concurrency, warmup))))
         records: list[tuple[float, str]] = []
+        server = server_cpu() if server_cpu else None
         cpu, started = time.process_time(), timer()
         state = _Level(requests, started + duration)
         await asyncio.gather(*(_worker(session, url, uploads, state, records, models, timer)
                                for _ in range(concurrency)))
         elapsed, cpu = timer() - started, time.process_time() - cpu
+        server = server_cpu() - server if server_cpu and server is not None else None
+    extra = {} if server is None else {"server_cpu_s": server,
+                                       "server_cpu_ms_per_request": 1000 * server / len(records) if records else None}
     return summarize_level(concurrency, records, elapsed, stopped_by="requests" if len(records) >= requests else "duration",
-                           client_cpu_s=cpu, models=sorted(models))
+                           client_cpu_s=cpu, models=sorted(models), **extra)
 
 
 def summarize_level(concurrency: int, records: Sequence[tuple[float, str]], elapsed: float, **extra: Any) -> dict[str, Any]:
@@ -211,7 +216,7 @@ async def _preflight(url: str, upload: Upload, timeout: float) -> None:
 
 def run_sweep(url: str, payloads: Sequence[Payload], concurrency: Sequence[int], *, requests: int, duration: float,
               timeout: float = 30.0, field: str = "image", warmup: int | None = None, timer: Timer = time.perf_counter,
-              preflight: bool = True) -> dict[str, Any]:
+              preflight: bool = True, server_cpu: Callable[[], float] | None = None) -> dict[str, Any]:
     """Every concurrency level in turn; returns the results document (``kind: bench-serve``).
     ``warmup`` untimed requests precede each level (default: one per worker, so connections
     are open and the service has seen the batch shape before timing). Each payload is encoded
@@ -224,7 +229,8 @@ def run_sweep(url: str, payloads: Sequence[Payload], concurrency: Sequence[int],
     levels = []
     for level in concurrency:
         levels.append(asyncio.run(_level(url, uploads, level, requests=requests, duration=duration, timeout=timeout,
-                                         warmup=level if warmup is None else warmup, timer=timer)))
+                                         warmup=level if warmup is None else warmup, timer=timer,
+                                         server_cpu=server_cpu)))
     return {
         "kind": "bench-serve",
         "url": url,

@@ -268,5 +268,28 @@ def write_serve_report(doc: dict[str, Any], out_dir: Path) -> dict[str, Path]:
              "## Results", "", "Latency percentiles are those of successful (2xx) answers, measured on the client from "
              "sending the request to reading the whole answer.", "", serve_table(doc), "## Client machine", "",
              machine_markdown(doc["machine"])]
+    if doc.get("baseline"):
+        parts += ["", "## Against the same model in-process", "", baseline_table(doc)]
     atomic_write_text(files["report"], "\n".join(parts))
     return files
+
+
+def baseline_table(doc: dict[str, Any]) -> str:
+    """The service's throughput as a fraction of the model's in-process batch-1 throughput, and
+    the server's CPU per request (all measured in the same run)."""
+    base = doc["baseline"]
+    lines = [f"In-process: step {base['step']} {base['precision']} of `{base['run_dir']}`, one ONNX Runtime session "
+             f"({', '.join(f'{k} {v}' for k, v in base['session'].items())}): "
+             + "; ".join(f"batch {b}: {v['images_per_s']:.0f} images/s (p50 {v['p50_ms']:.3f} ms)"
+                         for b, v in base["batches"].items())
+             + f". Service mean batch size: {base.get('service_mean_batch_size') or 'not reported'}.", "",
+             "| concurrency | service ok/s | fraction of in-process batch 1 | server CPU ms / request | client CPU ms / request |",
+             "|---|---|---|---|---|"]
+    for level in doc["levels"]:
+        fraction = level.get("fraction_of_in_process_b1")
+        server = level.get("server_cpu_ms_per_request")
+        client = 1000 * level["client_cpu_s"] / level["requests"] if level.get("requests") else None
+        lines.append(f"| {level['concurrency']} | {level['ok_per_s']:.1f} | "
+                     f"{f'{fraction:.0%}' if fraction is not None else '-'} | "
+                     f"{f'{server:.2f}' if server is not None else '-'} | {f'{client:.2f}' if client is not None else '-'} |")
+    return "\n".join(lines) + "\n"
