@@ -20,27 +20,49 @@ from compress.imaging import to_rgb
 
 
 class BadInput(ValueError):
-    """A request the client must fix: ``status`` is the HTTP status to answer with."""
+    """A request the client must fix: ``status`` is the HTTP status to answer with and
+    ``reason`` one of a few fixed words (the label of the rejected-requests metric)."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(self, message: str, status: int = 400, reason: str = "bad_image") -> None:
         super().__init__(message)
         self.status = status
+        self.reason = reason
 
 
-INLINE_DECODE_PIXELS = 1_000_000
-"""Uploads up to this many pixels in all are decoded on the event loop (well under a
-millisecond each); larger ones in a worker thread, so a big image never stalls the loop."""
+INLINE_DECODE_PIXELS = 250_000
+"""Uploads whose decoding and preprocessing touch up to this many pixels (see
+:meth:`InputLayout.work`; about 2.5 ms of CPU here) are decoded on the event loop, where a
+small image costs less than the hop to a thread; larger ones in a worker thread, so a big
+image never stalls the loop."""
+
+ROW_COST_PIXELS = 16
+"""Decoding costs per row as well as per pixel (measured: a 1 x 300,000 PNG takes 38 ms, a
+1000 x 1000 one 10 ms): a row counts as at least this many pixels, both for the pixel limit
+(so the 40 M limit no longer admits 1 x 40,000,000, five seconds of decoding) and for the
+inline-or-thread decision."""
 
 
-def header_pixels(data: bytes) -> int:
-    """Pixel count from the image header, without decoding; 0 when the header is unreadable
-    (decoding then fails at once with the right message)."""
+def decode_pixels(width: int, height: int) -> int:
+    """What decoding a ``width`` x ``height`` image costs, in pixels (rows count, see above)."""
+    return max(width, ROW_COST_PIXELS) * height
+
+RESIZE_BUDGET_PIXELS = 1_000_000
+"""The most pixels a resize may produce. Resizing the short side to ``resize`` turns a
+1 x 300,000 image into 32 x 9,600,000 (gigabytes, seconds) although only the centre crop is
+used; above this budget only the crop window is resampled (PIL's ``box``), which bounds the
+work by the crop size. Below it the whole image is resized exactly as torchvision does, so
+ordinary images get bit-identical pixels (PIL takes ``box`` in float32, which can move a
+pixel by one level)."""
+
+
+def header_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the image header, without decoding; (0, 0) when the header is
+    unreadable (decoding then fails at once with the right message)."""
     try:
         with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
+            return image.size
     except Exception:
-        return 0
-    return width * height
+        return 0, 0
 
 
 def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, name: str = "image") -> Image.Image:
@@ -49,27 +71,34 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, name: str = "i
     The pixel limit is checked from the header, before any pixel is decoded, so a small file
     that expands to gigabytes (a decompression bomb) costs nothing."""
     if not data:
-        raise BadInput(f"{name}: empty upload (0 bytes)")
+        raise BadInput(f"{name}: empty upload (0 bytes)", reason="empty_image")
     if len(data) > max_bytes:
-        raise BadInput(f"{name}: upload of {len(data)} bytes is over the limit of {max_bytes} bytes", status=413)
+        raise BadInput(f"{name}: upload of {len(data)} bytes is over the limit of {max_bytes} bytes", status=413,
+                       reason="image_too_large")
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
             if width * height > max_pixels:
                 raise BadInput(f"{name}: image is {width}x{height} = {width * height} pixels, over the limit of "
-                               f"{max_pixels} pixels")
+                               f"{max_pixels} pixels", reason="too_many_pixels")
+            if decode_pixels(width, height) > max_pixels:
+                raise BadInput(f"{name}: image is {width}x{height}, too narrow for its height: decoding it costs as "
+                               f"much as {decode_pixels(width, height)} pixels (a row counts as at least "
+                               f"{ROW_COST_PIXELS}), over the limit of {max_pixels} pixels", reason="too_many_pixels")
             image.seek(0)
             image.load()
             return to_rgb(image)
     except BadInput:
         raise
     except Image.DecompressionBombError as exc:  # PIL's own guard (over 2x Image.MAX_IMAGE_PIXELS)
-        raise BadInput(f"{name}: image over the pixel limit (decompression bomb?): {exc}") from None
+        raise BadInput(f"{name}: image over the pixel limit (decompression bomb?): {exc}",
+                       reason="too_many_pixels") from None
     except Image.UnidentifiedImageError:
-        raise BadInput(f"{name}: not an image, or a format that cannot be read (send JPEG, PNG, WebP, BMP or GIF)") from None
+        raise BadInput(f"{name}: not an image, or a format that cannot be read (send JPEG, PNG, WebP, BMP or GIF)",
+                       reason="not_an_image") from None
     except Exception as exc:  # truncated/corrupt files surface as OSError, SyntaxError, ValueError, EOFError, ...
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BadInput(f"{name}: damaged or truncated image ({detail})") from None
+        raise BadInput(f"{name}: damaged or truncated image ({detail})", reason="damaged_image") from None
 
 
 @dataclass(frozen=True)
@@ -91,25 +120,54 @@ class Preprocessing:
         """Number of float32 values of one preprocessed image."""
         return 3 * self.input_size * self.input_size
 
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """The size torchvision's ``Resize(resize)`` gives: short side ``resize``, aspect kept."""
+        if width <= height:
+            return self.resize, int(self.resize * height / width)
+        return int(self.resize * width / height), self.resize
+
+    def work(self, width: int, height: int) -> int:
+        """Pixels this preprocessing produces for a ``width`` x ``height`` image (bounded by
+        :data:`RESIZE_BUDGET_PIXELS`: past it only the crop window is resampled)."""
+        new_w, new_h = self.resized_size(width, height)
+        return new_w * new_h if new_w * new_h <= RESIZE_BUDGET_PIXELS else self.input_size ** 2
+
     def __call__(self, image: Image.Image) -> np.ndarray:
         """RGB image -> (3, input_size, input_size) float32, as torchvision's eval transform."""
         width, height = image.size
-        short, long = (width, height) if width <= height else (height, width)
-        new_short, new_long = self.resize, int(self.resize * long / short)
-        new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
-        if (new_w, new_h) != (width, height):
-            image = image.resize((new_w, new_h), Image.BILINEAR)
-        pixels = np.asarray(image, dtype=np.uint8)
+        new_w, new_h = self.resized_size(width, height)
         crop = self.input_size
-        if crop > new_w or crop > new_h:  # torchvision pads with zeros, then crops
+        if (new_w, new_h) != (width, height):
+            if new_w * new_h > RESIZE_BUDGET_PIXELS:
+                image = self._resize_crop_window(image, new_w, new_h)
+            else:
+                image = image.resize((new_w, new_h), Image.BILINEAR)
+        new_w, new_h = image.size
+        if new_w > crop or new_h > crop:  # centre crop (an axis shorter than the crop is kept whole)
+            left, top = max(round((new_w - crop) / 2.0), 0), max(round((new_h - crop) / 2.0), 0)
+            image = image.crop((left, top, left + min(crop, new_w), top + min(crop, new_h)))
+        pixels = np.asarray(image, dtype=np.uint8)
+        if crop > new_w or crop > new_h:  # torchvision pads with zeros (before cropping: the same here)
             pad_w, pad_h = max(crop - new_w, 0), max(crop - new_h, 0)
             pixels = np.pad(pixels, ((pad_h // 2, (pad_h + 1) // 2), (pad_w // 2, (pad_w + 1) // 2), (0, 0)))
-            new_h, new_w = pixels.shape[:2]
-        top, left = round((new_h - crop) / 2.0), round((new_w - crop) / 2.0)
-        pixels = pixels[top:top + crop, left:left + crop]
         scaled = pixels.astype(np.float32) / np.float32(255.0)
         normalised = (scaled - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return np.ascontiguousarray(normalised.transpose(2, 0, 1))
+
+    def _resize_crop_window(self, image: Image.Image, new_w: int, new_h: int) -> Image.Image:
+        """Only the part of the ``new_w`` x ``new_h`` resized image that the centre crop keeps
+        (an axis shorter than the crop is kept whole, to be padded)."""
+        crop = self.input_size
+
+        def window(size: int, new_size: int) -> tuple[float, float, int]:
+            if crop > new_size:
+                return 0.0, float(size), new_size
+            start = round((new_size - crop) / 2.0)
+            return start * size / new_size, (start + crop) * size / new_size, crop
+
+        x0, x1, out_w = window(image.width, new_w)
+        y0, y1, out_h = window(image.height, new_h)
+        return image.resize((out_w, out_h), Image.BILINEAR, box=(x0, y0, x1, y1))
 
 
 class InputLayout:
@@ -137,9 +195,21 @@ class InputLayout:
         """RGB images -> (N, width) float32."""
         rows = np.empty((len(images), self.width), dtype=np.float32)
         for row, image in zip(rows, images):
-            for group, pre in enumerate(self.groups):
-                row[self.offsets[group]:self.offsets[group + 1]] = pre(image).ravel()
+            self.fill(row, image)
         return rows
+
+    def fill(self, row: np.ndarray, image: Image.Image) -> None:
+        """Write one RGB image's row (so a batch can be decoded one image at a time)."""
+        for group, pre in enumerate(self.groups):
+            row[self.offsets[group]:self.offsets[group + 1]] = pre(image).ravel()
+
+    def work(self, width: int, height: int) -> int:
+        """Pixels decoding and preprocessing a ``width`` x ``height`` image touch: decoding
+        (see :func:`decode_pixels`), plus what each group's resize produces (bounded, see
+        :meth:`Preprocessing.work`)."""
+        if width < 1 or height < 1:  # unreadable header: decoding fails at once
+            return 0
+        return decode_pixels(width, height) + sum(pre.work(width, height) for pre in self.groups)
 
     def unpack(self, rows: np.ndarray, member: int) -> np.ndarray:
         """(N, width) -> the (N, 3, S, S) input of ``member``."""

@@ -4,7 +4,10 @@ One BentoML service. Each worker process holds one ONNX Runtime session per mode
 :class:`~serve.batching.AdaptiveBatcher`: requests that arrive while the model is busy are
 merged into its next call of up to ``max_batch_size`` rows, so batches grow with load (and
 GPU throughput with them) with no extra hop between processes. Small uploads are decoded on
-the event loop (cheaper than a thread hop), large ones in a worker thread.
+the event loop (cheaper than a thread hop), large ones in a worker thread, a few at a time.
+The models load in the background: ``/livez`` answers at once, ``/readyz`` (and the APIs,
+with 503) once they are loaded. ``serve/guard.py`` bounds every request body in size and
+time before BentoML sees it; ``serve/metrics.py`` says what ``/metrics`` adds.
 
 Which models: ``SERVE_MODELS`` (see ``serve/settings.py`` for every variable). The tags are
 resolved when this module is imported, so ``bentoml build`` packs exactly those models into
@@ -13,7 +16,9 @@ with no configuration."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +27,10 @@ import bentoml
 import numpy as np
 from starlette.responses import JSONResponse
 
+from serve import metrics, openapi
 from serve.batching import AdaptiveBatcher
-from serve.guard import UploadGuard, UploadRule
-from serve.inputs import INLINE_DECODE_PIXELS, BadInput, decode_image, header_pixels
+from serve.guard import BodyBudget, UploadGuard, UploadRule
+from serve.inputs import INLINE_DECODE_PIXELS, BadInput, decode_image, header_size
 from serve.runtime import Ensemble, check_classes, load_card
 from serve.settings import ConfigError, Settings
 from serve.voting import prediction
@@ -64,6 +70,14 @@ def _member_tags(settings: Settings) -> tuple[str, ...]:
 
 
 ENVS = [{"name": "SERVE_MODELS", "value": ",".join(TAGS)}] if TAGS else []
+API_ROUTES = ("/classify", "/classify_batch", "/metadata")
+SYSTEM_ROUTES = ("/", "/livez", "/healthz", "/readyz", "/metrics", "/docs.json", "/schema.json")
+MULTIPART_FRAMING = 64 * 1024
+"""Room for part headers and boundaries on top of the image bytes of a ``/classify`` body."""
+
+if _serving_from_cli():
+    metrics.use_private_multiproc_dir("Classifier")
+metrics.bound_endpoint_labels(API_ROUTES + SYSTEM_ROUTES)
 
 
 def _answer(body: Any, status: int = 200) -> JSONResponse:
@@ -73,7 +87,16 @@ def _answer(body: Any, status: int = 200) -> JSONResponse:
 
 
 def _bad_input(exc: BadInput) -> JSONResponse:
+    metrics.count_rejection(exc.reason)
     return _answer({"error": str(exc)}, exc.status)
+
+
+def _not_ready(error: str | None) -> JSONResponse:
+    metrics.count_rejection("not_ready")
+    message = f"the models failed to load: {error}" if error else "the models are still loading: retry shortly"
+    response = _answer({"error": message}, 503)
+    response.headers["retry-after"] = "1"
+    return response
 
 
 class Classifier:
@@ -83,35 +106,76 @@ class Classifier:
     def __init__(self) -> None:
         settings = Settings.from_env()
         self.settings = settings
-        self.ensemble = Ensemble.load(_member_tags(settings), provider=settings.provider,
-                                      precision=settings.precision, threads=settings.threads)
-        on_gpu = any(p == "cuda" for p in self.ensemble.providers().values())
-        self.ensemble.warm_up([1] if not on_gpu else sorted({min(2 ** i, settings.max_batch_size) for i in range(8)}))
-        self.batcher = AdaptiveBatcher(self.ensemble.predict, max_batch_size=settings.max_batch_size)
-        self.cards = [member.card for member in self.ensemble.members]
-        self.classes = list(self.ensemble.classes)
-        self.layout = self.ensemble.layout
-        tags = [card.tag for card in self.cards]
-        self.model_name = tags[0] if len(tags) == 1 else f"{settings.voting}-vote({','.join(tags)})"
-        self.top_k = min(settings.top_k, len(self.classes))
+        self.metrics = metrics.service_metrics(settings.max_batch_size)
+        # Large decodes run in threads, at most this many at once: each holds a full-size image.
+        self.decode_limiter = anyio.CapacityLimiter(max(1, min(4, os.cpu_count() or 1)))
+        self.ready = False
+        self.load_error: str | None = None
+        threading.Thread(target=self._load, args=(settings,), name="load-models", daemon=True).start()
+
+    def _load(self, settings: Settings) -> None:
+        """Load and warm up the models (in the background, so that /livez answers meanwhile)."""
+        try:
+            self.ensemble = Ensemble.load(_member_tags(settings), provider=settings.provider,
+                                          precision=settings.precision, threads=settings.threads)
+            on_gpu = any(p == "cuda" for p in self.ensemble.providers().values())
+            self.ensemble.warm_up([1] if not on_gpu else sorted({min(2 ** i, settings.max_batch_size) for i in range(8)}))
+            self.batcher = AdaptiveBatcher(self._predict, max_batch_size=settings.max_batch_size)
+            self.cards = [member.card for member in self.ensemble.members]
+            self.classes = list(self.ensemble.classes)
+            self.layout = self.ensemble.layout
+            tags = [card.tag for card in self.cards]
+            self.model_name = tags[0] if len(tags) == 1 else f"{settings.voting}-vote({','.join(tags)})"
+            self.top_k = min(settings.top_k, len(self.classes))
+        except Exception as exc:
+            self.load_error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            logger.exception("loading the models failed: /readyz and /livez answer 503")
+            return
+        self.ready = True
         logger.info("serving %s (%s) on %s", ", ".join(tags),
                     settings.voting if len(tags) > 1 else "single model",
                     ", ".join(sorted(set(self.ensemble.providers().values()))))
 
-    def _prepare(self, datas: list[bytes], names: list[str]) -> np.ndarray:
-        """Decode and preprocess uploads -> (N, width) rows for the batcher."""
-        images = [decode_image(data, max_bytes=self.settings.max_bytes, max_pixels=self.settings.max_pixels, name=name)
-                  for data, name in zip(datas, names)]
-        return self.layout.pack(images)
+    async def __is_ready__(self) -> bool:
+        return self.ready
+
+    async def __is_alive__(self) -> bool:
+        return self.load_error is None
+
+    def _predict(self, rows: np.ndarray) -> np.ndarray:
+        """One model call (on the batcher's thread), timed for /metrics."""
+        with metrics.Stopwatch() as watch:
+            probs = self.ensemble.predict(rows)
+        self.metrics.observe_model_call(len(rows), watch.seconds)
+        return probs
+
+    def _prepare(self, files: list[Path], names: list[str], first: bytes | None = None) -> np.ndarray:
+        """Decode and preprocess uploads -> (N, width) rows for the batcher, one image at a
+        time, so that a batch never holds more than one decoded image."""
+        rows = np.empty((len(files), self.layout.width), dtype=np.float32)
+        for index, (path, name) in enumerate(zip(files, names)):
+            data = first if index == 0 and first is not None else path.read_bytes()
+            image = decode_image(data, max_bytes=self.settings.max_bytes, max_pixels=self.settings.max_pixels,
+                                 name=name)
+            self.layout.fill(rows[index], image)
+        return rows
 
     async def _rows(self, files: list[Path], names: list[str]) -> np.ndarray:
-        """Small images are decoded right here, large ones in a worker thread so that they do
-        not hold up the event loop (for a small image the thread hop costs more than the
-        decoding: about a third of the service's CPU per request on the digits model)."""
-        datas = [path.read_bytes() for path in files]
-        if sum(header_pixels(data) for data in datas) <= INLINE_DECODE_PIXELS:
-            return self._prepare(datas, names)
-        return await anyio.to_thread.run_sync(self._prepare, datas, names)
+        """A small single image is decoded right here, anything else in a worker thread so that
+        it does not hold up the event loop (for a small image the thread hop costs more than
+        the decoding: about a third of the service's CPU per request on the digits model).
+        "Small" counts the pixels the resize produces too (a 1 x 300,000 image is small to
+        decode but is resized to 32 x 9,600,000 by a naive preprocessing)."""
+        watch = metrics.Stopwatch()
+        try:
+            with watch:
+                first = files[0].read_bytes() if len(files) == 1 else None
+                if first is not None and self.layout.work(*header_size(first)) <= INLINE_DECODE_PIXELS:
+                    return self._prepare(files, names, first)
+                return await anyio.to_thread.run_sync(self._prepare, files, names, first,
+                                                      limiter=self.decode_limiter)
+        finally:
+            self.metrics.decode_seconds.observe(watch.seconds)
 
     def _prediction(self, probs: np.ndarray) -> dict[str, Any]:
         return prediction(probs, self.classes, voting=self.settings.voting, top_k=self.top_k, model=self.model_name)
@@ -119,6 +183,8 @@ class Classifier:
     @bentoml.api(route="/classify")
     async def classify(self, image: Path) -> dict[str, Any]:
         """Classify one image: ``{"label", "class_index", "confidence", "top_k", "model"[, "votes"]}``."""
+        if not self.ready:
+            return _not_ready(self.load_error)  # type: ignore[return-value]
         try:
             rows = await self._rows([image], ["image"])
         except BadInput as exc:
@@ -130,6 +196,8 @@ class Classifier:
     async def classify_batch(self, images: list[Path]) -> list[dict[str, Any]]:
         """Classify several images (repeated field ``images``): one answer per image, in order.
         ``UploadGuard`` has already refused more than ``SERVE_MAX_FILES`` of them (413)."""
+        if not self.ready:
+            return _not_ready(self.load_error)  # type: ignore[return-value]
         try:
             rows = await self._rows(list(images), [f"images[{index}]" for index in range(len(images))])
         except BadInput as exc:
@@ -143,6 +211,8 @@ class Classifier:
         and this worker's batching so far."""
         import onnxruntime as ort
 
+        if not self.ready:
+            return _not_ready(self.load_error)  # type: ignore[return-value]
         return {
             "model": self.model_name,
             "models": [card.summary() for card in self.cards],
@@ -153,7 +223,9 @@ class Classifier:
             "onnxruntime": ort.__version__,
             "input_sizes": sorted({card.preprocessing.input_size for card in self.cards}),
             "limits": {"max_bytes": self.settings.max_bytes, "max_pixels": self.settings.max_pixels,
-                       "max_files": self.settings.max_files, "max_batch_size": self.settings.max_batch_size},
+                       "max_files": self.settings.max_files, "max_batch_bytes": self.settings.max_batch_bytes,
+                       "max_batch_size": self.settings.max_batch_size, "body_timeout_s": self.settings.body_timeout,
+                       "body_idle_timeout_s": self.settings.body_idle_timeout},
             "batching": self.batcher.stats(),
         }
 
@@ -168,9 +240,13 @@ Classifier = bentoml.service(name="Classifier", workers=SETTINGS.workers, envs=E
 
 Classifier.add_asgi_middleware(
     UploadGuard,
-    rules={"/classify": UploadRule("image", 1), "/classify_batch": UploadRule("images", SETTINGS.max_files)},
+    rules={"/classify": UploadRule("image", 1, SETTINGS.max_bytes + MULTIPART_FRAMING),
+           "/classify_batch": UploadRule("images", SETTINGS.max_files, SETTINGS.max_batch_bytes)},
     max_file_bytes=SETTINGS.max_bytes,
-    get_as_post=("/metadata",),
+    budget=BodyBudget(SETTINGS.body_timeout, SETTINGS.body_idle_timeout),
+    json_apis=("/metadata",),
+    openapi=lambda: openapi.build(Classifier.openapi_spec.asdict(), max_files=SETTINGS.max_files),
+    on_reject=metrics.count_rejection,
 )
 
 __all__ = ["Classifier", "ConfigError"]

@@ -14,6 +14,10 @@ in a built Bento and in its container (``docker run -e SERVE_MODELS=...``):
 - ``SERVE_MAX_BYTES``: largest accepted image upload in bytes (default 20 MiB) -> 413.
 - ``SERVE_MAX_PIXELS``: largest accepted image in pixels (default 40 M; decompression bombs) -> 400.
 - ``SERVE_MAX_FILES``: most images in one ``/classify_batch`` request (default 64) -> 413.
+- ``SERVE_MAX_BATCH_BYTES``: largest ``/classify_batch`` request body (default 64 MiB) -> 413
+  (a ``/classify`` body may be ``SERVE_MAX_BYTES`` plus 64 KiB of multipart framing).
+- ``SERVE_BODY_TIMEOUT``: seconds a whole request body may take to arrive (default 30) -> 408.
+- ``SERVE_BODY_IDLE_TIMEOUT``: longest pause, in seconds, while a body arrives (default 5) -> 408.
 - ``SERVE_TOP_K``: entries in ``top_k`` (default 5, at most the number of classes).
 - ``SERVE_MAX_BATCH_SIZE``: most rows in one model call of the adaptive batcher (default 64).
 - ``SERVE_WORKERS``: worker processes (default 1), each with its own sessions and batcher.
@@ -48,6 +52,19 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> i
     return value
 
 
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number of seconds") from None
+    if not 0 < value <= 3600:
+        raise ConfigError(f"{name}={value:g} must be over 0 and at most 3600 seconds")
+    return value
+
+
 def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
     value = env.get(name, "").strip().lower() or choices[0]
     if value not in choices:
@@ -76,6 +93,9 @@ class Settings:
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 40_000_000
     max_files: int = 64
+    max_batch_bytes: int = 64 * 1024 * 1024
+    body_timeout: float = 30.0
+    body_idle_timeout: float = 5.0
     top_k: int = 5
     max_batch_size: int = 64
     workers: int = 1
@@ -93,6 +113,9 @@ class Settings:
             max_bytes=_int(env, "SERVE_MAX_BYTES", cls.max_bytes),
             max_pixels=_int(env, "SERVE_MAX_PIXELS", cls.max_pixels),
             max_files=_int(env, "SERVE_MAX_FILES", cls.max_files),
+            max_batch_bytes=_int(env, "SERVE_MAX_BATCH_BYTES", cls.max_batch_bytes),
+            body_timeout=_seconds(env, "SERVE_BODY_TIMEOUT", cls.body_timeout),
+            body_idle_timeout=_seconds(env, "SERVE_BODY_IDLE_TIMEOUT", cls.body_idle_timeout),
             top_k=_int(env, "SERVE_TOP_K", cls.top_k),
             max_batch_size=_int(env, "SERVE_MAX_BATCH_SIZE", cls.max_batch_size),
             workers=_int(env, "SERVE_WORKERS", cls.workers),
