@@ -30,14 +30,15 @@ PREDICTION = {
 
 METADATA = {
     "type": "object",
-    "required": ["model", "models", "classes", "voting", "providers", "onnxruntime", "input_sizes", "limits",
-                 "batching"],
+    "required": ["model", "models", "classes", "voting", "providers", "precisions", "onnxruntime", "input_sizes",
+                 "limits", "batching"],
     "properties": {
         "model": {"type": "string"},
         "models": {"type": "array", "items": {"type": "object", "required": ["tag", "input_size"]}},
         "classes": {"type": "array", "items": {"type": "string"}},
         "voting": {"type": ["string", "null"], "enum": ["soft", "hard", None]},
         "providers": {"type": "object", "additionalProperties": {"type": "string"}},
+        "precisions": {"type": "object", "additionalProperties": {"type": "string", "enum": ["fp32", "fp16", "int8"]}},
         "onnxruntime": {"type": "string"},
         "input_sizes": {"type": "array", "items": {"type": "integer"}},
         "limits": {"type": "object"},
