@@ -116,9 +116,9 @@ def build_metadata(run_dir: Path, manifest: dict[str, Any], entry: dict[str, Any
     }
     if entry.get("parity"):
         metadata["parity"] = {k: v for k, v in entry["parity"].items() if isinstance(v, (int, float))}
-    metadata["variants"] = {p: {k: getattr(variants[p], k) for k in ("accuracy", "top1_agreement", "max_abs_diff",
-                                                                      "accuracy_drop", "flagged", "bytes")}
-                            | ({"format": variants[p].details.get("format")} if p == "int8" else {})
+    metadata["variants"] = {p: {k: v for k, v in variants[p].to_dict().items()  # the store takes no None values
+                                if k in ("accuracy", "top1_agreement", "max_abs_diff", "accuracy_drop", "flagged", "bytes",
+                                         "format") and v is not None}
                             for p in precisions if p in variants}
     return json.loads(json.dumps(metadata))  # plain JSON types only (the store validates them)
 

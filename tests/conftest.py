@@ -59,3 +59,22 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
     out = tmp_path_factory.mktemp("tiny-run") / "run"
     main(["run", "--data", str(tiny_data), "--out", str(out), *TINY_OPTIONS])  # raises SystemExit on failure
     return out
+
+
+def cuda_available() -> bool:
+    """Whether this machine can run the CUDA paths: a torch CUDA device and ONNX Runtime's CUDA
+    provider with a driver. The suite is right either way; ``-m gpu`` tests need it."""
+    import torch
+
+    from compress.runtime.sessions import cuda_unavailable_reason
+
+    return torch.cuda.is_available() and cuda_unavailable_reason() is None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``@pytest.mark.gpu`` tests are skipped cleanly without CUDA (run them with ``pytest -m gpu``)."""
+    if any("gpu" in item.keywords for item in items) and not cuda_available():
+        skip = pytest.mark.skip(reason="needs CUDA (a torch CUDA device and ONNX Runtime's CUDA provider)")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)

@@ -25,6 +25,7 @@ from bench.cli import main
 from bench.load import Payload, check_target, run_sweep
 from bench.report import write_models_report
 from compress.errors import UsageError
+from conftest import cuda_available
 from compress.hints import unaligned_convs
 from compress.latency import benchmark_run
 from compress.runtime.timing import interleaved, paired_speedup_spread, speedup, summarize
@@ -61,13 +62,17 @@ def test_models_results_json_structure(models_out: Path, tiny_run: Path) -> None
     assert [s["step"] for s in doc["steps"]] == [0, 1]
     assert doc["steps"][0]["macs_ratio"] == 1.0 and 0 < doc["steps"][1]["macs_ratio"] < 1
     assert all(s["hints"]["convs"] > 0 and s["hints"]["unaligned"] == [] for s in doc["steps"])  # round_to 8
-    # no CUDA here: both CUDA paths are skipped with a reason, never measured on the CPU under their name
+    # without CUDA both CUDA paths are skipped with a reason, never measured on the CPU under their name;
+    # with CUDA they run on it and say so
     skipped = {s["backend"]: s["reason"] for s in doc["skipped"]}
-    assert set(skipped) == {"ort-cuda", "torch-cuda"} and all("CUDA" in r for r in skipped.values())
+    cuda = cuda_available()
+    assert set(skipped) == (set() if cuda else {"ort-cuda", "torch-cuda"}) and all("CUDA" in r for r in skipped.values())
     rows = doc["results"]
-    assert {(r["backend"], r["batch"], r["step"]) for r in rows} == {
-        (b, n, s) for b in ("ort-cpu", "torch") for n in (1, 4) for s in (0, 1)}
-    assert {r["device"] for r in rows} == {"CPUExecutionProvider", "torch:cpu"}
+    backends = ("ort-cpu", "torch") + (("ort-cuda", "torch-cuda") if cuda else ())
+    assert {(r["backend"], r["batch"], r["step"]) for r in rows} == {(b, n, s) for b in backends for n in (1, 4) for s in (0, 1)}
+    devices = {"CPUExecutionProvider", "torch:cuda" if cuda else "torch:cpu"}
+    assert {r["device"] for r in rows} == devices | ({"CUDAExecutionProvider"} if cuda else set())
+    rows = [r for r in rows if r["backend"] in ("ort-cpu", "torch")]
     for row in rows:
         lat = row["latency"]
         assert set(lat) >= {"p50_ms", "p90_ms", "p95_ms", "p99_ms", "mean_ms", "throughput", "samples", "noisy"}
@@ -87,10 +92,12 @@ def test_models_results_json_structure(models_out: Path, tiny_run: Path) -> None
 def test_models_report_and_pngs_are_written_and_valid(models_out: Path) -> None:
     report = (models_out / "report.md").read_text()
     for needle in ("## Summary", "## Steps", "## Latency: ort-cpu fp32", "## Latency: torch fp32", "## Hardware hints",
-                   "## Machine", "ort-cuda all:", "no CUDA device", "p99 ms", "speed-up vs step 0 fp32"):
+                   "## Machine", "p99 ms", "speed-up vs step 0 fp32") + (() if cuda_available() else
+                                                                         ("ort-cuda all:", "no CUDA device")):
         assert needle in report, needle
     pngs = sorted(p.name for p in models_out.glob("*.png"))
-    assert pngs == ["pareto_ort-cpu.png", "pareto_torch.png", "speedup_vs_macs.png", "throughput.png"]
+    cuda_pngs = ["pareto_ort-cuda.png", "pareto_torch-cuda.png"] if cuda_available() else []
+    assert pngs == sorted(["pareto_ort-cpu.png", "pareto_torch.png", "speedup_vs_macs.png", "throughput.png", *cuda_pngs])
     for name in pngs:
         assert f"]({name})" in report
         with Image.open(models_out / name) as image:
@@ -421,6 +428,7 @@ def test_bad_arguments_give_one_line_and_exit_code_2(args: list[str], message: s
     assert len(err.strip().splitlines()) == 1 and err.startswith("bench: error: ") and message in err, err
 
 
+@pytest.mark.skipif(cuda_available(), reason="with CUDA these backends are available")
 def test_models_with_only_unavailable_backends_writes_the_report_and_exits_2(
         tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_cli(["models", str(tiny_run), "--backends", "ort-cuda,torch-cuda", "--out", str(tmp_path)], capsys)

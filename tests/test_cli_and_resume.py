@@ -45,7 +45,10 @@ def test_full_run_writes_the_contract(tiny_run: Path) -> None:
     assert steps[1]["macs"] <= 0.6 * steps[0]["macs"]
     assert steps[1]["params"] < steps[0]["params"]
     report = (tiny_run / "report.md").read_text()
-    assert "| ort-cpu | fp32 | 1 | 1 |" in report and "speed-up" in report
+    assert "| ort-cpu | 1 | 1 | fp32 |" in report and "speed-up vs step 0 fp32" in report
+    for step in steps:  # every run measures its fp32 variant through ONNX Runtime on the whole validation split
+        fp32 = step["variants"]["fp32"]
+        assert fp32["onnx"] == step["onnx"] and 0.0 <= fp32["accuracy"] <= 1.0 and fp32["top1_agreement"] == 1.0
     with Image.open(tiny_run / "pareto.png") as image:
         assert image.format == "PNG" and image.size[0] > 300
     assert manifest["report"]["recommended_step"] in (0, 1)

@@ -29,7 +29,7 @@ from PIL import Image
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 
-from conftest import CLASS_COLOURS, class_image
+from conftest import CLASS_COLOURS, class_image, cuda_available
 
 REPO = Path(__file__).resolve().parents[1]
 BENTOML = Path(sys.executable).with_name("bentoml")
@@ -354,7 +354,9 @@ def test_health_metrics_and_metadata(single: Server, store: Store) -> None:
         assert meta.status_code == 200, meta.text
         info = meta.json()
         assert info["classes"] == CLASSES and info["model"] == store.step1
-        assert info["providers"] == {store.step1: "cpu"}  # no GPU here: the CPU fallback
+        # SERVE_PROVIDER=auto: CUDA where it runs, else the CPU fallback
+        assert info["providers"] == {store.step1: "cuda" if cuda_available() else "cpu"}
+        assert info["precisions"] == {store.step1: "fp32"}
         (model,) = info["models"]
         assert model["tag"] == store.step1 and model["step"] == 1 and 0 <= model["accuracy"] <= 1
         assert model["macs"] > 0 and model["params"] > 0 and model["latency"]["ort_cpu_b1_p50_ms"] > 0
@@ -393,7 +395,7 @@ def test_ensemble_votes_match_direct_onnxruntime(servers: dict[str, Server], sto
             assert answer["top_k"][0]["label"] == label
     meta = httpx.get(f"{server.url}/metadata").json()
     assert meta["voting"] == voting and [m["tag"] for m in meta["models"]] == [store.step0, store.step1]
-    assert set(meta["providers"].values()) == {"cpu"}
+    assert set(meta["providers"].values()) == {"cuda" if cuda_available() else "cpu"}
 
 
 def _serve_until_exit(store: Store, tmp_path: Path, **env: str) -> tuple[int, str]:
@@ -650,3 +652,35 @@ def test_fp16_precision_serves_the_fp16_export(store: Store, tmp_path: Path) -> 
     only_fp32 = card_from_model(model_store(store.home).get(store.step1))
     with pytest.raises(ConfigError, match="no fp16 export"):
         Member.load(only_fp32, provider="cpu", precision="fp16")
+
+
+def test_bench_serve_baseline_reports_the_fraction_and_server_cpu(single: Server, store: Store, tmp_path: Path) -> None:
+    """`bench serve --baseline`: the served model timed in-process in the same run, the service's
+    fraction of it, and the CPU its processes spent per request (read from those processes)."""
+    from bench.cli import main as bench_main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for seed, name in enumerate(CLASSES):
+        _picture(name, (32, 32), seed).save(images / f"{name}.png")
+    out = tmp_path / "out"
+    bench_main(["serve", single.url, "--images", str(images), "--concurrency", "1,4", "--requests", "40",
+                "--duration", "20", "--baseline", f"{store.run}:1", "--out", str(out)])
+    doc = json.loads((out / "results.json").read_text())
+    base = doc["baseline"]
+    assert base["step"] == 1 and base["session"]["intra_op_spinning"] is False
+    assert base["batches"]["1"]["images_per_s"] > 0 and base["service_mean_batch_size"] >= 1
+    for level in doc["levels"]:
+        assert level["fraction_of_in_process_b1"] == pytest.approx(level["ok_per_s"] / base["batches"]["1"]["images_per_s"])
+        assert 0 < level["server_cpu_ms_per_request"] < 1000  # the server worked, and per request, not per level
+    assert "## Against the same model in-process" in (out / "report.md").read_text()
+
+
+@pytest.mark.gpu
+def test_service_on_cuda_answers_and_says_cuda(store: Store, server_factory: Any) -> None:
+    server = server_factory(SERVE_MODELS=store.step1, SERVE_PROVIDER="cuda").wait_ready()
+    image = _encode(_picture("cat", (32, 32), 0), "PNG")
+    answer = classify(server, image)
+    assert answer.status_code == 200 and answer.json()["label"] in CLASSES
+    meta = httpx.get(f"{server.url}/metadata", timeout=30).json()
+    assert meta["providers"] == {store.step1: "cuda"}
