@@ -95,10 +95,14 @@ def create_session(path: Path, provider: str, *, threads: int = 0) -> tuple[Any,
     from compress.runtime.sessions import create_session as runtime_session
 
     try:
-        return runtime_session(path, SessionSettings(provider, threads=threads or None, spinning=False))
+        session, in_use = runtime_session(path, SessionSettings(provider, threads=threads or None, spinning=False))
     except ProviderUnavailable as exc:
         raise ConfigError(f"SERVE_PROVIDER=cuda but {exc}; use SERVE_PROVIDER=auto to allow CPU, or install "
                           f"onnxruntime-gpu with its CUDA libraries on a GPU machine") from None
+    if provider == "auto" and in_use != "cuda":
+        logger.warning("CUDA execution provider unavailable for %s (no GPU or CUDA/cuDNN libraries missing): "
+                       "serving on CPU", path)
+    return session, in_use
 
 
 @dataclass

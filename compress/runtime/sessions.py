@@ -1,8 +1,7 @@
 """ONNX Runtime sessions: the one place that chooses providers, their options and threads.
 
 ``provider`` is ``cpu``, ``cuda`` (CUDA or an error: a measurement or a service that asked for
-the GPU must never run on the CPU under its name) or ``auto`` (CUDA when it loads, else CPU
-with a logged warning). ORT itself falls back to CPU silently when the CUDA provider cannot
+the GPU must never run on the CPU under its name) or ``auto`` (CUDA when it loads, else CPU). ORT itself falls back to CPU silently when the CUDA provider cannot
 load, so the provider really in use is read back from the session and reported.
 
 :class:`OrtModel` wraps a session with what every caller needs: the tensor names, the input
@@ -93,7 +92,8 @@ def create_session(path: Path | str, settings: SessionSettings = SessionSettings
     """An ``onnxruntime.InferenceSession`` and the provider it really runs on (``cuda``/``cpu``).
 
     Raises :class:`ProviderUnavailable` when ``cuda`` was asked for and cannot run; ``auto``
-    falls back to CPU with a warning. Errors loading the file itself propagate unchanged."""
+    falls back to CPU (the caller reports it: the returned provider says which). Errors loading
+    the file itself propagate unchanged."""
     import onnxruntime as ort
 
     if settings.provider not in PROVIDERS:
@@ -116,12 +116,9 @@ def create_session(path: Path | str, settings: SessionSettings = SessionSettings
             raise ProviderUnavailable(reason)
     session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     in_use = "cuda" if session.get_providers()[0] == CUDA else "cpu"
-    if settings.provider in ("cuda", "auto") and in_use != "cuda":
-        why = (f"the CUDA execution provider could not be loaded for {Path(path).name} (no GPU, or CUDA/cuDNN "
-               "libraries missing)")
-        if settings.provider == "cuda":
-            raise ProviderUnavailable(why)
-        logger.warning("%s: running on CPU", why)
+    if settings.provider == "cuda" and in_use != "cuda":
+        raise ProviderUnavailable(f"the CUDA execution provider could not be loaded for {Path(path).name} (no GPU, "
+                                  "or CUDA/cuDNN libraries missing)")
     return session, in_use
 
 
