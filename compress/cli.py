@@ -194,6 +194,24 @@ def register(run_dir: RunDir,
     typer.echo(register_step(run_dir, step=step, name=name))
 
 
+@app.command(name="data")
+def data_info(path: Annotated[str, typer.Argument(help="Image folder (PATH/train + PATH/val|test, or PATH/<class>/*) or 'digits'.")],
+              json_output: Annotated[bool, typer.Option("--json", help="Print the description as JSON.")] = False,
+              val_fraction: ValFraction = None, seed: Seed = None, input_size: InputSize = None) -> None:
+    """Inspect a data set without a run: classes, images per class and split, imbalance ratio,
+    skipped files with reasons, image size statistics and the input size a run would choose.
+    Reads image headers only (in parallel), not the pixels."""
+    import json
+
+    from .datainfo import format_text, inspect
+
+    if val_fraction is not None and not 0.0 < val_fraction < 1.0:
+        raise UsageError("--val-fraction must be in (0, 1)")
+    info = inspect(path, val_fraction=0.2 if val_fraction is None else val_fraction, seed=seed or 0,
+                   input_size=input_size)
+    typer.echo(json.dumps(info, indent=2) if json_output else format_text(info))
+
+
 @app.command()
 def sensitivity(run_dir: RunDir,
                 step: Annotated[int, typer.Option(help="Which finished step to analyse.")] = 0,

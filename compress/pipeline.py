@@ -26,11 +26,12 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from . import export as onnx_export
 from . import models
 from .config import RunConfig, config_differences
-from .data import DataBundle, Preprocessing, class_weights, load_data, make_loaders
+from .data import SCAN_RECORD, DataBundle, Preprocessing, class_weights, load_data, make_loaders
 from .errors import UsageError
 from .pruning import conv_out_widths, count_macs_params, prune_to_macs, step_targets
 from .rundir import read_manifest, relative, write_manifest
@@ -73,10 +74,31 @@ class Run:
     data: DataBundle
     device: torch.device
     _training_loaders: tuple[Any, Any] | None = field(default=None, init=False, repr=False)
+    _loaders_made: list[Any] = field(default_factory=list, init=False, repr=False)
 
     # --- bookkeeping -------------------------------------------------------------------------
     def save(self) -> None:
+        self._record_decode_failures()
         write_manifest(self.run_dir, self.manifest)
+
+    def _record_decode_failures(self) -> None:
+        """Files that passed the scan but failed to decode in a loader of this command join
+        ``dataset.skipped_files`` (``"stage": "decode"``), with a warning the first time."""
+        listed = {entry["path"] for entry in self.manifest["dataset"]["skipped_files"]}
+        new = []
+        for loader in self._loaders_made:
+            for path, reason in getattr(loader, "skipped", {}).items():
+                relative_path = Path(os.path.relpath(path, self.data.source)).as_posix()
+                if relative_path not in listed:
+                    listed.add(relative_path)
+                    new.append({"path": relative_path, "reason": reason, "stage": "decode"})
+        if new:
+            dataset = self.manifest["dataset"]
+            dataset["skipped_files"] = sorted(dataset["skipped_files"] + new, key=lambda e: e["path"])
+            dataset["decode_failures"] = sum(1 for e in dataset["skipped_files"] if e.get("stage") == "decode")
+            console.print(f"[yellow]warning: {len(new)} file(s) failed to decode and were left out of their batches "
+                          f"(listed in manifest.json dataset.skipped_files), e.g. "
+                          f"{escape(new[0]['path'])}: {escape(new[0]['reason'])}[/]")
 
     def step_entry(self, step: int) -> dict[str, Any] | None:
         return next((s for s in self.manifest["steps"] if s["step"] == step), None)
@@ -98,8 +120,10 @@ class Run:
 
     def loaders(self) -> tuple[Any, Any]:
         """DataLoaders of CPU tensors (export, parity checks and measurements take these)."""
-        return make_loaders(self.data, batch_size=self.config.batch_size, balance=self.config.balance,
-                            seed=self.config.seed, workers=self._workers(), pin_memory=self.device.type == "cuda")
+        loaders = make_loaders(self.data, batch_size=self.config.batch_size, balance=self.config.balance,
+                               seed=self.config.seed, workers=self._workers(), pin_memory=self.device.type == "cuda")
+        self._loaders_made.extend(loaders)
+        return loaders
 
     @property
     def data_on_device(self) -> bool:
@@ -174,11 +198,21 @@ def open_run(run_dir: Path, config: RunConfig | None, *, force: bool = False) ->
         if "CUDAExecutionProvider" not in onnxruntime.get_available_providers() or not torch.cuda.is_available():
             raise UsageError("--latency-backend ort-cuda: no CUDA device or ONNX Runtime CUDA provider on this machine")
     data = load_data(config.data, augment=config.augmentation(), val_fraction=config.val_fraction,
-                     seed=config.seed, input_size=config.input_size)
+                     seed=config.seed, input_size=config.input_size,
+                     scan_record=run_dir / SCAN_RECORD if manifest is not None else None)
     if manifest is None:
         run_dir.mkdir(parents=True, exist_ok=True)
         manifest = {"format": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "steps": [], "stages": {}}
+    if data.scan is not None and not data.scan.stats.get("reused"):
+        data.scan.save(run_dir / SCAN_RECORD)
+    decode_failures = [e for e in manifest.get("dataset", {}).get("skipped_files", []) if e.get("stage") == "decode"]
     manifest["dataset"] = data.summary()
+    if decode_failures:  # found by earlier commands of this run; the scan cannot see them
+        known = {e["path"] for e in manifest["dataset"]["skipped_files"]}
+        manifest["dataset"]["skipped_files"] = sorted(
+            manifest["dataset"]["skipped_files"] + [e for e in decode_failures if e["path"] not in known],
+            key=lambda e: e["path"])
+        manifest["dataset"]["decode_failures"] = len(decode_failures)
     manifest["preprocessing"] = data.preprocessing.to_dict()
     manifest["config"] = config.to_dict()
     manifest["versions"] = library_versions()
