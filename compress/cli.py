@@ -38,7 +38,7 @@ Running the same command again on an existing --out resumes it.
 Data = Annotated[Optional[str], typer.Option(help="Image folder (PATH/train + PATH/val|test, or PATH/<class>/*) or 'digits' (default).")]
 Out = Annotated[Optional[Path], typer.Option("--out", help="Run directory (default: runs/<data name>).")]
 Arch = Annotated[Optional[str], typer.Option(help="resnet18|34|50|101|152 (torchvision) or resnet20|32|56|110 (CIFAR-style).")]
-Weights = Annotated[Optional[str], typer.Option(help="imagenet (from the local torch cache), none, a state-dict FILE, or auto (imagenet if cached).")]
+Weights = Annotated[Optional[str], typer.Option(help="imagenet (torchvision's, downloaded into the torch cache when missing), none, a state-dict FILE, or auto (imagenet for torchvision ResNets when cached or downloadable, else none with a warning).")]
 Model = Annotated[Optional[str], typer.Option(help="Start from this fine-tuned checkpoint and skip fine-tuning.")]
 Stem = Annotated[Optional[str], typer.Option(help="imagenet (7x7/2 + max-pool) or cifar (3x3/1) for torchvision ResNets.")]
 InputSize = Annotated[Optional[int], typer.Option(help="Input resolution (default: 32 for small images, else 224).")]

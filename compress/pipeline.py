@@ -222,10 +222,23 @@ def open_run(run_dir: Path, config: RunConfig | None, *, force: bool = False) ->
     return run
 
 
-def _resolved_weights(config: RunConfig) -> str:
+def _resolved_weights(config: RunConfig) -> tuple[str, str | None]:
+    """The weights fine-tuning starts from, and for ``auto`` why (recorded in the manifest).
+    ``auto``: ImageNet weights for a torchvision ResNet with its ImageNet stem, from the torch
+    cache or downloaded; when they cannot be had, from scratch with a warning."""
     if config.weights != "auto":
-        return config.weights
-    return "imagenet" if models.imagenet_weights_available(config.arch) and config.stem == "imagenet" else "none"
+        return config.weights, None
+    if config.arch not in models.TORCHVISION_ARCHS:
+        return "none", f"auto: there are no ImageNet weights for {config.arch}; trained from scratch"
+    if config.stem != "imagenet":
+        return "none", f"auto: --stem {config.stem} replaces the stem ImageNet weights were trained with; trained from scratch"
+    try:
+        models.imagenet_state_dict(config.arch)  # into the torch cache, for build_model
+    except models.WeightsUnavailable as exc:
+        note = f"auto: ImageNet weights unavailable, trained from scratch ({exc})"
+        console.print(f"[yellow]warning: {escape(note)}[/]")
+        return "none", note
+    return "imagenet", "auto: ImageNet weights (torchvision)"
 
 
 def _record_step(run: Run, step: int, model: torch.nn.Module, accuracy: float, extra: dict[str, Any]) -> None:
@@ -260,7 +273,9 @@ def finetune(run: Run) -> None:
         run.manifest["stages"]["finetune"] = {"skipped": "started from --model", "model": str(config.model)}
         _record_step(run, 0, model.cpu(), accuracy, {"source": "model"})
         return
-    weights = _resolved_weights(config)
+    weights, weights_note = _resolved_weights(config)
+    run.manifest["stages"]["finetune"] = {"weights": weights, **({"weights_note": weights_note} if weights_note else {})}
+    run.save()
     model = models.build_model(config.arch, len(run.data.classes), weights=weights, stem=config.stem,
                                trust_pickle=config.trust_pickle)
     settings = config.finetune_settings(pretrained=weights != "none")
@@ -269,7 +284,7 @@ def finetune(run: Run) -> None:
                  state_path=step_dir(run.run_dir, 0) / "train_state.pt", label="fine-tune",
                  class_weight=run.class_weight(), seed=config.seed)
     run.manifest["stages"]["finetune"] = {
-        "weights": weights, "settings": settings.__dict__, "best_epoch": result.best_epoch,
+        "weights": weights, **({"weights_note": weights_note} if weights_note else {}), "settings": settings.__dict__, "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run, "stopped_early": result.stopped_early, "history": result.history,
         "seconds": round(time.perf_counter() - started, 1), "device": str(run.device), "data_on_device": run.data_on_device,
     }
