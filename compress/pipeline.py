@@ -143,6 +143,7 @@ class Run:
             self._training_loaders = device_loaders(
                 self.data, self.config.augmentation(), self.device, batch_size=self.config.batch_size,
                 balance=self.config.balance, seed=self.config.seed, workers=self._workers())
+            self._loaders_made.extend(self._training_loaders)
             console.print(f"[dim]data held on {self.device}: {len(self.data.train_labels)} + "
                           f"{len(self.data.val_labels)} images decoded in {time.perf_counter() - started:.1f} s[/]")
         for loader in self._training_loaders:
