@@ -267,15 +267,10 @@ def _scan_folder(root: Path, splits: dict[str, Path], classes: list[str], record
 def _samples(root: Path, record: ScanRecord, classes: list[str], split_prefix: str) -> list[tuple[str, int]]:
     """(absolute path, label) of the readable files of one split, in ImageFolder's order."""
     index = {name: i for i, name in enumerate(classes)}
-    samples = []
-    for path in record.headers:
-        parts = path.split("/")
-        if split_prefix:
-            if parts[0] != split_prefix:
-                continue
-            parts = parts[1:]
-        samples.append((str(root / path), index[parts[0]]))
-    return samples
+    base = os.path.join(str(root), "")
+    prefix = f"{split_prefix}/" if split_prefix else ""
+    return [(base + path, index[path[len(prefix):].split("/", 1)[0]])
+            for path in record.headers if path.startswith(prefix)]
 
 
 def load_data(

@@ -116,17 +116,19 @@ def list_files(root: Path, folders: Iterable[Path]) -> list[FileInfo]:
     """Every non-hidden file under ``folders`` (ImageFolder's walk: recursive, links followed,
     sorted), with its size and modification time. No file is opened."""
     files: list[FileInfo] = []
+    root_text = os.path.join(str(root), "")
     for folder in folders:
         for directory, _, names in sorted(os.walk(folder, followlinks=True)):
+            directory = os.path.join(directory, "")
+            prefix = directory.removeprefix(root_text).replace(os.sep, "/")
             for name in sorted(names):
                 if name.startswith("."):
                     continue
-                full = os.path.join(directory, name)
                 try:
-                    stat = os.stat(full)
+                    stat = os.stat(directory + name)
                 except OSError:  # a dangling link or a file removed while listing
                     continue
-                files.append(FileInfo(Path(os.path.relpath(full, root)).as_posix(), stat.st_size, stat.st_mtime_ns))
+                files.append(FileInfo(prefix + name, stat.st_size, stat.st_mtime_ns))
     return files
 
 
