@@ -57,8 +57,8 @@ def format_text(info: dict[str, Any], *, max_skipped: int = 20) -> str:
              f"  {'class':<{width}}  {'train':>7}  {'val':>7}"]
     lines += [f"  {name:<{width}}  {counts['train'][name]:>7}  {counts['val'][name]:>7}" for name in info["classes"]]
     ratio = info["imbalance_ratio"]
-    lines.append(f"imbalance (largest / smallest class in train): {ratio:.2f}" + (
-        "  (consider --balance weights or sampler)" if ratio and ratio >= 3 else ""))
+    lines.append("imbalance (largest / smallest class in train): " + (f"{ratio:.2f}" if ratio else "a class is empty")
+                 + ("  (consider --balance weights or sampler)" if ratio and ratio >= 3 else ""))
     sizes = info["image_sizes"]
     if "width" in sizes and sizes["width"]:
         w, h, s = sizes["width"], sizes["height"], sizes["shorter_side"]
