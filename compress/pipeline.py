@@ -198,6 +198,10 @@ def open_run(run_dir: Path, config: RunConfig | None, *, force: bool = False) ->
 
         if "CUDAExecutionProvider" not in onnxruntime.get_available_providers() or not torch.cuda.is_available():
             raise UsageError("--latency-backend ort-cuda: no CUDA device or ONNX Runtime CUDA provider on this machine")
+    step0_done = any(s["step"] == 0 for s in (manifest or {}).get("steps", []))
+    if config.weights == "imagenet" and config.model is None and not step0_done \
+            and config.arch in models.TORCHVISION_ARCHS and not models.imagenet_weights_available(config.arch):
+        models.imagenet_state_dict(config.arch)  # download now: offline, fail in seconds, before scanning the data
     data = load_data(config.data, augment=config.augmentation(), val_fraction=config.val_fraction,
                      seed=config.seed, input_size=config.input_size,
                      scan_record=run_dir / SCAN_RECORD if manifest is not None else None)

@@ -183,6 +183,25 @@ def test_imagenet_weights_offline_fail_fast_saying_where_the_file_goes(
     assert ("cannot be reached" if server == "refused" else "timed out") in message
 
 
+def test_compress_run_with_imagenet_weights_offline_exits_2_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     tiny_data: Path, capsys: pytest.CaptureFixture) -> None:
+    """The download is tried before the data is scanned or the run directory made."""
+    import time
+
+    from compress.cli import main
+
+    monkeypatch.setattr(models, "CONNECT_TIMEOUT_S", 0.5)
+    _point_at(monkeypatch, tmp_path, f"http://127.0.0.1:{_closed_port()}/resnet18-f37072fd.pth")
+    started = time.monotonic()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--data", str(tiny_data), "--out", str(tmp_path / "run"), "--arch", "resnet18",
+              "--weights", "imagenet", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and time.monotonic() - started < 30
+    assert err.count("\n") == 1 and str(imagenet_weights_path("resnet18")) in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_auto_weights_use_imagenet_when_downloadable_else_scratch_with_a_warning(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, weights_server: tuple[str, Path, dict]) -> None:
     from compress.config import RunConfig
