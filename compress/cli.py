@@ -38,7 +38,7 @@ Running the same command again on an existing --out resumes it.
 Data = Annotated[Optional[str], typer.Option(help="Image folder (PATH/train + PATH/val|test, or PATH/<class>/*) or 'digits' (default).")]
 Out = Annotated[Optional[Path], typer.Option("--out", help="Run directory (default: runs/<data name>).")]
 Arch = Annotated[Optional[str], typer.Option(help="resnet18|34|50|101|152 (torchvision) or resnet20|32|56|110 (CIFAR-style).")]
-Weights = Annotated[Optional[str], typer.Option(help="imagenet (from the local torch cache), none, a state-dict FILE, or auto (imagenet if cached).")]
+Weights = Annotated[Optional[str], typer.Option(help="imagenet (torchvision's, downloaded into the torch cache when missing), none, a state-dict FILE, or auto (imagenet for torchvision ResNets when cached or downloadable, else none with a warning).")]
 Model = Annotated[Optional[str], typer.Option(help="Start from this fine-tuned checkpoint and skip fine-tuning.")]
 Stem = Annotated[Optional[str], typer.Option(help="imagenet (7x7/2 + max-pool) or cifar (3x3/1) for torchvision ResNets.")]
 InputSize = Annotated[Optional[int], typer.Option(help="Input resolution (default: 32 for small images, else 224).")]
@@ -227,6 +227,24 @@ def register(run_dir: RunDir,
     from .registry import register as register_step
 
     typer.echo(register_step(run_dir, step=step, name=name))
+
+
+@app.command(name="data")
+def data_info(path: Annotated[str, typer.Argument(help="Image folder (PATH/train + PATH/val|test, or PATH/<class>/*) or 'digits'.")],
+              json_output: Annotated[bool, typer.Option("--json", help="Print the description as JSON.")] = False,
+              val_fraction: ValFraction = None, seed: Seed = None, input_size: InputSize = None) -> None:
+    """Inspect a data set without a run: classes, images per class and split, imbalance ratio,
+    skipped files with reasons, image size statistics and the input size a run would choose.
+    Reads image headers only (in parallel), not the pixels."""
+    import json
+
+    from .datainfo import format_text, inspect
+
+    if val_fraction is not None and not 0.0 < val_fraction < 1.0:
+        raise UsageError("--val-fraction must be in (0, 1)")
+    info = inspect(path, val_fraction=0.2 if val_fraction is None else val_fraction, seed=seed or 0,
+                   input_size=input_size)
+    typer.echo(json.dumps(info, indent=2) if json_output else format_text(info))
 
 
 @app.command()

@@ -36,7 +36,7 @@ class RunConfig:
 
     data: str = DIGITS
     arch: str = "resnet18"
-    weights: str = "auto"  # auto = imagenet when cached, else none
+    weights: str = "auto"  # auto = imagenet (cached or downloaded) for torchvision ResNets, else none
     model: str | None = None  # an already fine-tuned checkpoint: skip fine-tuning
     stem: str = "imagenet"
     input_size: int | None = None

@@ -1,4 +1,4 @@
-"""Data: find the image folder's layout, decode every image to RGB, split, augment, balance.
+"""Data: find the image folder's layout, scan it (headers only, see ``scan``), split, augment, balance.
 
 Layouts accepted by ``--data``:
 - ``PATH/train/<class>/*`` with ``PATH/val/<class>/*`` (or ``PATH/test/<class>/*``);
@@ -6,28 +6,34 @@ Layouts accepted by ``--data``:
 - ``digits``: scikit-learn's 8x8 handwritten digits, upscaled, embedded so that the whole
   pipeline runs offline on a fresh machine.
 
-Unreadable or non-image files are skipped and reported (``skipped_files``), never a crash."""
+Unreadable or non-image files are skipped and reported (``skipped_files``), never a crash:
+those the scan finds, and those that only fail when decoded for training or evaluation
+(:class:`DecodeFailure`; the batch goes on without them and :class:`SkippingDataLoader` keeps
+the list)."""
 from __future__ import annotations
 
 import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, Subset, WeightedRandomSampler, default_collate
 from torchvision import datasets, transforms
+from torchvision.datasets.folder import find_classes
 
 from .errors import UsageError
 from .imaging import open_rgb
+from .scan import ScanRecord, scan
 
 DIGITS = "digits"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 VAL_SPLIT_NAMES = ("val", "test")
+SCAN_RECORD = "data_scan.json.gz"  # in the run directory: the scan, so that reopening reads no image
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 
@@ -94,6 +100,7 @@ class DataBundle:
     source: str
     layout: str
     skipped_files: list[dict[str, str]] = field(default_factory=list)
+    scan: ScanRecord | None = None
 
     def summary(self) -> dict[str, Any]:
         train_counts = Counter(self.train_labels)
@@ -110,33 +117,73 @@ class DataBundle:
             },
             "skipped_files": self.skipped_files,
             "input_size": self.preprocessing.input_size,
+            **({"scan": {**self.scan.stats, "record": SCAN_RECORD}} if self.scan is not None else {}),
         }
 
 
-class _ValidatingLoader:
-    """Decode each file once at scan time (so a corrupt file is found before training, not in
-    a DataLoader worker mid-epoch) and remember which files were skipped and why."""
+class DecodeFailure(NamedTuple):
+    """What a dataset returns instead of an image that passed the scan but fails to decode:
+    the batch goes on without it (see :func:`collate_decoded`)."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.skipped: dict[str, str] = {}
-        self.sizes: list[tuple[int, int]] = []
+    path: str
+    reason: str
 
-    def is_valid_file(self, path: str) -> bool:
-        if os.path.basename(path).startswith("."):
-            return False
+
+class ScannedImageFolder(datasets.ImageFolder):
+    """torchvision's ImageFolder made from a scan's sample list (no second walk of the folder),
+    decoding any image mode to RGB; a file that fails to decode comes back as a
+    :class:`DecodeFailure` instead of an exception that would end the epoch.
+
+    ``draft`` (training only): JPEGs may decode at a reduced scale with both sides at least
+    this long (``imaging.open_rgb``), since the training transforms start by resizing there."""
+
+    def __init__(self, root: Path, classes: Sequence[str], samples: list[tuple[str, int]],
+                 transform: Callable | None = None, draft: int | None = None) -> None:
+        datasets.VisionDataset.__init__(self, str(root), transform=transform)
+        self.loader = open_rgb
+        self.extensions = None
+        self.classes = list(classes)
+        self.class_to_idx = {name: index for index, name in enumerate(self.classes)}
+        self.samples = samples
+        self.imgs = samples
+        self.targets = [target for _, target in samples]
+        self.draft = draft
+
+    def __getitem__(self, index: int) -> tuple[Any, int] | DecodeFailure:
+        path, target = self.samples[index]
         try:
-            image = open_rgb(path)
-        except Exception as exc:  # any decoder error means "not a usable image"
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            self.skipped[os.path.relpath(path, self.root)] = reason[:200]
-            return False
-        if len(self.sizes) < 2000:
-            self.sizes.append(image.size)
-        return True
+            image = open_rgb(path, draft_min_side=self.draft)
+        except Exception as exc:  # any decoder error: skip this file, not the epoch
+            text = str(exc).strip()
+            return DecodeFailure(path, (text.splitlines()[0] if text else type(exc).__name__)[:200])
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, target
 
-    def skipped_list(self) -> list[dict[str, str]]:
-        return [{"path": p, "reason": r} for p, r in sorted(self.skipped.items())]
+
+def collate_decoded(samples: list[Any]) -> tuple[Any, list[DecodeFailure]]:
+    """``default_collate`` of the samples that decoded, and the failures apart (``None`` for
+    the batch when none decoded)."""
+    failed = [s for s in samples if isinstance(s, DecodeFailure)]
+    good = [s for s in samples if not isinstance(s, DecodeFailure)] if failed else samples
+    return (default_collate(good) if good else None), failed
+
+
+class SkippingDataLoader(DataLoader):
+    """A DataLoader whose batches leave out files that fail to decode; ``skipped`` maps each
+    such file (absolute path) to the reason, gathered from every worker process."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("collate_fn", collate_decoded)
+        super().__init__(*args, **kwargs)
+        self.skipped: dict[str, str] = {}
+
+    def __iter__(self) -> Any:
+        for batch, failed in super().__iter__():
+            for failure in failed:
+                self.skipped[failure.path] = failure.reason
+            if batch is not None:
+                yield batch
 
 
 class ArrayImageDataset(Dataset):
@@ -201,12 +248,29 @@ def _load_digits(augment: Augmentation, val_fraction: float, seed: int, input_si
     return DataBundle(classes, train, val, train.labels, val.labels, pre, DIGITS, "embedded")
 
 
-def _image_folder(root: Path, checker: _ValidatingLoader, transform: Callable | None = None) -> datasets.ImageFolder:
+def _find_classes(folder: Path) -> list[str]:
     try:
-        return datasets.ImageFolder(str(root), transform=transform, loader=open_rgb,
-                                    is_valid_file=checker.is_valid_file, allow_empty=True)
-    except FileNotFoundError as exc:
-        raise UsageError(f"no class folders in {root}: {exc}") from None
+        return find_classes(str(folder))[0]
+    except FileNotFoundError:
+        return []
+
+
+def _scan_folder(root: Path, splits: dict[str, Path], classes: list[str], record_path: Path | None) -> ScanRecord:
+    """Scan the class folders of every split, reusing the record at ``record_path`` (a run's
+    earlier scan) for the files that have not changed since."""
+    previous = ScanRecord.load(record_path) if record_path is not None and record_path.is_file() else None
+    if previous is not None and previous.root != str(root):
+        previous = None  # another folder: nothing to reuse
+    return scan(root, [folder / name for folder in splits.values() for name in classes], previous)
+
+
+def _samples(root: Path, record: ScanRecord, classes: list[str], split_prefix: str) -> list[tuple[str, int]]:
+    """(absolute path, label) of the readable files of one split, in ImageFolder's order."""
+    index = {name: i for i, name in enumerate(classes)}
+    base = os.path.join(str(root), "")
+    prefix = f"{split_prefix}/" if split_prefix else ""
+    return [(base + path, index[path[len(prefix):].split("/", 1)[0]])
+            for path in record.headers if path.startswith(prefix)]
 
 
 def load_data(
@@ -217,8 +281,12 @@ def load_data(
     seed: int = 0,
     input_size: int | None = None,
     min_images_per_class: int = 2,
+    scan_record: Path | None = None,
 ) -> DataBundle:
-    """Resolve ``--data`` into train/val datasets, or raise :class:`UsageError` saying why not."""
+    """Resolve ``--data`` into train/val datasets, or raise :class:`UsageError` saying why not.
+
+    ``scan_record``: a run's stored scan (``SCAN_RECORD``); what it knows about unchanged files
+    is reused. The bundle's ``scan`` is the (new or reused) record, for the caller to store."""
     if data == DIGITS:
         return _load_digits(augment, val_fraction, seed, input_size)
     root = Path(data).expanduser()
@@ -226,41 +294,44 @@ def load_data(
         raise UsageError(f"--data {data}: no such folder")
     if not root.is_dir():
         raise UsageError(f"--data {data}: not a folder (expected PATH/<class>/* or PATH/train + PATH/val)")
-    checker = _ValidatingLoader(root)
+    root = root.resolve()
     if (root / "train").is_dir():
         val_root = next((root / n for n in VAL_SPLIT_NAMES if (root / n).is_dir()), None)
         if val_root is None:
             raise UsageError(f"{root} has train/ but no val/ or test/ folder next to it")
-        train_scan = _image_folder(root / "train", checker)
-        val_scan = _image_folder(val_root, checker)
-        if not train_scan.classes:
+        classes, val_classes = _find_classes(root / "train"), _find_classes(val_root)
+        if not classes:
             raise UsageError(f"no class folders in {root / 'train'}")
-        if train_scan.classes != val_scan.classes:
-            missing = sorted(set(train_scan.classes) ^ set(val_scan.classes))
+        if classes != val_classes:
+            missing = sorted(set(classes) ^ set(val_classes))
             raise UsageError(f"train/ and {val_root.name}/ have different class folders (differ in: {', '.join(missing)})")
-        _check_counts(train_scan.classes, train_scan.targets, "train", max(1, min_images_per_class - 1))
-        _check_counts(val_scan.classes, val_scan.targets, val_root.name, 1)
-        pre = choose_preprocessing(checker.sizes, input_size)
-        # Reuse the scanned sample lists: no second pass over the files.
-        train_scan.transform = augment.train_transform(pre)
-        val_scan.transform = pre.eval_transform()
-        return DataBundle(train_scan.classes, train_scan, val_scan, list(train_scan.targets), list(val_scan.targets),
-                          pre, str(root), f"train+{val_root.name}", checker.skipped_list())
-    scan = _image_folder(root, checker)
-    if not scan.classes:
+        record = _scan_folder(root, {"train": root / "train", "val": val_root}, classes, scan_record)
+        train_samples = _samples(root, record, classes, "train")
+        val_samples = _samples(root, record, classes, val_root.name)
+        train_labels, val_labels = [t for _, t in train_samples], [t for _, t in val_samples]
+        _check_counts(classes, train_labels, "train", max(1, min_images_per_class - 1))
+        _check_counts(classes, val_labels, val_root.name, 1)
+        pre = choose_preprocessing(record.sizes(), input_size)
+        train = ScannedImageFolder(root / "train", classes, train_samples, augment.train_transform(pre), draft=pre.resize)
+        val = ScannedImageFolder(val_root, classes, val_samples, pre.eval_transform())
+        return DataBundle(classes, train, val, train_labels, val_labels, pre, str(root), f"train+{val_root.name}",
+                          record.skipped_list(), record)
+    classes = _find_classes(root)
+    if not classes:
         raise UsageError(f"no class folders in {root} (expected PATH/<class>/* or PATH/train + PATH/val)")
-    if len(scan.classes) < 2:
-        raise UsageError(f"{root} has only one class folder ('{scan.classes[0]}'); a classifier needs at least 2")
-    _check_counts(scan.classes, scan.targets, str(root), min_images_per_class)
-    pre = choose_preprocessing(checker.sizes, input_size)
-    train_idx, val_idx = _stratified_split(scan.targets, val_fraction, seed)
-    train_view = datasets.ImageFolder.__new__(datasets.ImageFolder)
-    train_view.__dict__.update(scan.__dict__)
-    train_view.transform = augment.train_transform(pre)
-    scan.transform = pre.eval_transform()
-    train, val = Subset(train_view, train_idx), Subset(scan, val_idx)
-    return DataBundle(scan.classes, train, val, [scan.targets[i] for i in train_idx],
-                      [scan.targets[i] for i in val_idx], pre, str(root), "split", checker.skipped_list())
+    if len(classes) < 2:
+        raise UsageError(f"{root} has only one class folder ('{classes[0]}'); a classifier needs at least 2")
+    record = _scan_folder(root, {"all": root}, classes, scan_record)
+    samples = _samples(root, record, classes, "")
+    labels = [t for _, t in samples]
+    _check_counts(classes, labels, str(root), min_images_per_class)
+    pre = choose_preprocessing(record.sizes(), input_size)
+    train_idx, val_idx = _stratified_split(labels, val_fraction, seed)
+    train_view = ScannedImageFolder(root, classes, samples, augment.train_transform(pre), draft=pre.resize)
+    val_view = ScannedImageFolder(root, classes, samples, pre.eval_transform())
+    train, val = Subset(train_view, train_idx), Subset(val_view, val_idx)
+    return DataBundle(classes, train, val, [labels[i] for i in train_idx], [labels[i] for i in val_idx], pre,
+                      str(root), "split", record.skipped_list(), record)
 
 
 def class_weights(labels: Sequence[int], num_classes: int) -> torch.Tensor:
@@ -292,7 +363,7 @@ def make_loaders(bundle: DataBundle, *, batch_size: int, balance: str, seed: int
         sampler = WeightedRandomSampler(weights.double(), num_samples=len(weights), replacement=True, generator=generator)
     train_count = len(sampler) if world_size > 1 else len(bundle.train_labels)
     common: dict[str, Any] = {"num_workers": workers, "pin_memory": pin_memory, "persistent_workers": workers > 0}
-    train = DataLoader(bundle.train, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
-                       generator=generator, drop_last=train_count > batch_size, **common)
-    val = DataLoader(bundle.val, batch_size=max(batch_size, 256), shuffle=False, sampler=val_sampler, **common)
+    train = SkippingDataLoader(bundle.train, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
+                               generator=generator, drop_last=train_count > batch_size, **common)
+    val = SkippingDataLoader(bundle.val, batch_size=max(batch_size, 256), shuffle=False, sampler=val_sampler, **common)
     return train, val

@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 from torchvision import transforms
 
-from .data import Augmentation, DataBundle, Preprocessing, balanced_sample_weights
+from .data import Augmentation, DataBundle, Preprocessing, SkippingDataLoader, class_weights
 from .distributed import shard
 
 AUTO_MAX_BYTES = 4 * 1024**3
@@ -60,12 +60,22 @@ def _with_transform(dataset: Dataset, transform: Any) -> Dataset:
     return clone
 
 
-def decode_all(dataset: Dataset, size: int, crop: int, *, workers: int, batch_size: int = 256) -> torch.Tensor:
-    """Every image of ``dataset``, resized (shorter side ``size``) and centre-cropped to ``crop``,
-    as one (N, 3, crop, crop) uint8 tensor; decoded once, in ``workers`` processes."""
+def decode_labelled(dataset: Dataset, size: int, crop: int, *, workers: int,
+                    batch_size: int = 256) -> tuple[torch.Tensor, list[int], dict[str, str]]:
+    """Every image of ``dataset`` that decodes, resized (shorter side ``size``) and centre-cropped
+    to ``crop``, as one (N, 3, crop, crop) uint8 tensor, with its labels and the files that
+    failed to decode (left out); decoded once, in ``workers`` processes."""
     store = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(crop), transforms.PILToTensor()])
-    loader = DataLoader(_with_transform(dataset, store), batch_size=batch_size, shuffle=False, num_workers=workers)
-    return torch.cat([images for images, _ in loader])
+    loader = SkippingDataLoader(_with_transform(dataset, store), batch_size=batch_size, shuffle=False,
+                                num_workers=workers)
+    batches = list(loader)
+    images = torch.cat([images for images, _ in batches]) if batches else torch.empty(0, 3, crop, crop, dtype=torch.uint8)
+    return images, [label for _, labels in batches for label in labels.tolist()], loader.skipped
+
+
+def decode_all(dataset: Dataset, size: int, crop: int, *, workers: int, batch_size: int = 256) -> torch.Tensor:
+    """The images of :func:`decode_labelled` alone."""
+    return decode_labelled(dataset, size, crop, workers=workers, batch_size=batch_size)[0]
 
 
 @dataclass(frozen=True)
@@ -149,6 +159,7 @@ class DeviceLoader:
         self.drop_last = drop_last
         self.rank, self.world_size = rank, world_size
         self.order_generator = torch.Generator()
+        self.skipped: dict[str, str] = {}  # files that failed to decode (left out when the images were stored)
         self.augment_generator = torch.Generator(device=images.device)
         self.reseed(seed)
 
@@ -197,13 +208,16 @@ def device_loaders(bundle: DataBundle, augmentation: Augmentation, device: torch
     """The train and val loaders of ``bundle`` with the images decoded once onto ``device``;
     same batching and sharding rules as ``data.make_loaders``."""
     pre = bundle.preprocessing
-    train_images = decode_all(bundle.train, pre.resize, pre.resize, workers=workers).to(device)
-    val_images = decode_all(bundle.val, pre.resize, pre.input_size, workers=workers).to(device)
-    weights = balanced_sample_weights(bundle) if balance == "sampler" else None
-    train = DeviceLoader(train_images, bundle.train_labels, pre, batch_size=batch_size,
+    train_images, train_labels, train_skipped = decode_labelled(bundle.train, pre.resize, pre.resize, workers=workers)
+    val_images, val_labels, val_skipped = decode_labelled(bundle.val, pre.resize, pre.input_size, workers=workers)
+    weights = None
+    if balance == "sampler":  # as data.balanced_sample_weights, over the images that decoded
+        weights = class_weights(train_labels, len(bundle.classes))[torch.tensor(train_labels)]
+    train = DeviceLoader(train_images.to(device), train_labels, pre, batch_size=batch_size,
                          augmentation=DeviceAugmentation(augmentation, pre), shuffle=True, sample_weights=weights,
-                         drop_last=math.ceil(len(bundle.train_labels) / world_size) > batch_size, seed=seed,
+                         drop_last=math.ceil(len(train_labels) / world_size) > batch_size, seed=seed,
                          rank=rank, world_size=world_size)
-    val = DeviceLoader(val_images, bundle.val_labels, pre, batch_size=max(batch_size, 256), rank=rank,
+    val = DeviceLoader(val_images.to(device), val_labels, pre, batch_size=max(batch_size, 256), rank=rank,
                        world_size=world_size)
+    train.skipped, val.skipped = train_skipped, val_skipped
     return train, val

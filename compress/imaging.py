@@ -45,9 +45,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def open_rgb(path_or_file, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def open_rgb(path_or_file, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft_min_side: int | None = None) -> Image.Image:
     """Open, fully decode (so truncation shows here, not later) and convert to RGB.
 
+    ``draft_min_side``: let a JPEG decode at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, far
+    cheaper than decoding every pixel) while both sides stay at least this long; for training,
+    whose transforms start by resizing the shorter side to that length anyway.
     Raises ``ValueError`` for images over ``max_pixels`` and PIL's own errors for files that
     are not images or are damaged."""
     with Image.open(path_or_file) as image:
@@ -55,5 +58,7 @@ def open_rgb(path_or_file, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         if width * height > max_pixels:
             raise ValueError(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
         image.seek(0)
+        if draft_min_side and image.format == "JPEG":
+            image.draft(image.mode, (draft_min_side, draft_min_side))
         image.load()
         return to_rgb(image)

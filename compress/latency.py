@@ -45,9 +45,15 @@ def validation_arrays(manifest: dict[str, Any], limit: int | None = None,
         config = RunConfig(**stored)
         data = load_data(config.data, augment=config.augmentation(), val_fraction=config.val_fraction,
                          seed=config.seed, input_size=config.input_size)
+    from .data import DecodeFailure
+
     count = len(data.val) if limit is None else min(limit, len(data.val))
-    images = np.stack([data.val[i][0].numpy() for i in range(count)]).astype(np.float32)
-    labels = np.asarray([data.val_labels[i] for i in range(count)])
+    items = [(data.val[i], data.val_labels[i]) for i in range(count)]
+    kept = [(item[0].numpy(), label) for item, label in items if not isinstance(item, DecodeFailure)]
+    if not kept:
+        raise UsageError("no validation image could be decoded")
+    images = np.stack([image for image, _ in kept]).astype(np.float32)
+    labels = np.asarray([label for _, label in kept])
     return images, labels
 
 

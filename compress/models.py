@@ -9,6 +9,9 @@ pruning again and without unpickling code."""
 from __future__ import annotations
 
 import os
+import socket
+import threading
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -85,22 +88,92 @@ def _torchvision_weights_enum(arch: str) -> Any:
     return tv_models.get_model_weights(arch).DEFAULT
 
 
+CONNECT_TIMEOUT_S = 5.0
+"""How long the reachability probe waits for the weights server (name lookup included), and
+the socket timeout while downloading: offline, ``--weights imagenet`` fails in seconds."""
+
+
+def imagenet_weights_url(arch: str) -> str:
+    """torchvision's URL for ``arch``'s ImageNet weights (its file name carries the first hex
+    digits of the file's SHA-256, which the download checks). Tests point it at a local server."""
+    return _torchvision_weights_enum(arch).url
+
+
 def imagenet_weights_path(arch: str) -> Path:
     """Where torchvision's weights API keeps (and looks for) the file: $TORCH_HOME/hub/checkpoints."""
-    url = _torchvision_weights_enum(arch).url
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urllib.parse.urlparse(imagenet_weights_url(arch)).path)
 
 
 def imagenet_weights_available(arch: str) -> bool:
+    """True when the ImageNet weights file is already in the torch cache (no network needed)."""
     return arch in TORCHVISION_ARCHS and imagenet_weights_path(arch).is_file()
+
+
+class WeightsUnavailable(UsageError):
+    """The ImageNet weights are neither cached nor downloadable (offline, server down, bad file)."""
+
+
+def _probe(url: str, timeout: float) -> None:
+    """Fail fast when the weights server cannot be reached: name lookup and TCP connect in a
+    daemon thread, waited for at most ``timeout`` seconds (a lookup cannot be interrupted)."""
+    parsed = urllib.parse.urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    outcome: list[BaseException | None] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+            outcome.append(None)
+        except BaseException as exc:  # reported to the caller below
+            outcome.append(exc)
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not outcome:
+        raise OSError(f"no answer from {parsed.hostname}:{port} within {timeout:g} s")
+    if outcome[0] is not None:
+        raise outcome[0]
+
+
+def imagenet_state_dict(arch: str, *, progress: bool = True) -> dict[str, torch.Tensor]:
+    """``arch``'s ImageNet state dict from the torch cache, downloaded into it first when missing
+    through torch.hub (progress bar, SHA-256 prefix in the file name checked, atomic rename).
+    Raises :class:`WeightsUnavailable` with one line saying where the file goes."""
+    path = imagenet_weights_path(arch)
+    if path.is_file():
+        return load_torch_safely(path)
+    url = imagenet_weights_url(arch)
+    where = f"download {url} to {path} (or set TORCH_HOME), or use --weights none"
+    try:
+        _probe(url, CONNECT_TIMEOUT_S)
+    except (OSError, ValueError) as exc:
+        raise WeightsUnavailable(f"--weights imagenet: {path.name} is not in the torch cache and "
+                                 f"{urllib.parse.urlparse(url).hostname} cannot be reached ({_first_line(exc)}); "
+                                 f"{where}") from None
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(CONNECT_TIMEOUT_S * 6)  # a stalled transfer ends instead of hanging
+    try:
+        return torch.hub.load_state_dict_from_url(url, model_dir=str(path.parent), progress=progress, check_hash=True,
+                                                  file_name=path.name, map_location="cpu", weights_only=True)
+    except Exception as exc:  # URLError, HTTPError, timeout, hash mismatch (RuntimeError), not a state dict
+        raise WeightsUnavailable(f"--weights imagenet: downloading {url} failed ({_first_line(exc)}); "
+                                 f"{where}") from None
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def build_model(arch: str, num_classes: int, *, weights: str = "none", stem: str = "imagenet",
                 trust_pickle: bool = False) -> nn.Module:
     """Build ``arch`` with a ``num_classes`` head.
 
-    ``weights``: ``imagenet`` (torchvision weights from the local cache only; a clear error says
-    where the file goes when it is missing), ``none`` (from scratch) or a state-dict file.
+    ``weights``: ``imagenet`` (torchvision's weights, from the torch cache or downloaded into it;
+    offline, a clear error says where the file goes), ``none`` (from scratch) or a state-dict file.
     ``stem='cifar'`` swaps a torchvision ResNet's 7x7/2 conv + max-pool for a 3x3/1 conv, for
     32x32 inputs."""
     if arch not in ARCHS:
@@ -112,12 +185,7 @@ def build_model(arch: str, num_classes: int, *, weights: str = "none", stem: str
     else:
         model = tv_models.get_model(arch, weights=None)
         if weights == "imagenet":
-            path = imagenet_weights_path(arch)
-            if not path.is_file():
-                raise UsageError(
-                    f"--weights imagenet: {path.name} is not in the torch cache; download it once to {path} "
-                    f"(from {_torchvision_weights_enum(arch).url}) or set TORCH_HOME, or use --weights none")
-            model.load_state_dict(load_torch_safely(path))
+            model.load_state_dict(imagenet_state_dict(arch))
         model.fc = nn.Linear(model.fc.in_features, num_classes)
         if stem == "cifar":
             model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, 1, 1, bias=False)

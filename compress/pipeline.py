@@ -28,12 +28,13 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from . import distributed
 from . import export as onnx_export
 from . import models
 from .config import RunConfig, config_differences
-from .data import DataBundle, Preprocessing, class_weights, load_data, make_loaders
+from .data import SCAN_RECORD, DataBundle, Preprocessing, class_weights, load_data, make_loaders
 from .errors import UsageError
 from .pruning import conv_out_widths, count_macs_params, prune_to_macs, step_targets
 from .rundir import MANIFEST, read_manifest, relative, write_manifest
@@ -65,11 +66,32 @@ class Run:
     data: DataBundle
     device: torch.device
     _training_loaders: tuple[Any, Any] | None = field(default=None, init=False, repr=False)
+    _loaders_made: list[Any] = field(default_factory=list, init=False, repr=False)
 
     # --- bookkeeping -------------------------------------------------------------------------
     def save(self) -> None:
+        self._record_decode_failures()
         if distributed.is_main():
             write_manifest(self.run_dir, self.manifest)
+
+    def _record_decode_failures(self) -> None:
+        """Files that passed the scan but failed to decode in a loader of this command join
+        ``dataset.skipped_files`` (``"stage": "decode"``), with a warning the first time."""
+        listed = {entry["path"] for entry in self.manifest["dataset"]["skipped_files"]}
+        new = []
+        for loader in self._loaders_made:
+            for path, reason in getattr(loader, "skipped", {}).items():
+                relative_path = Path(os.path.relpath(path, self.data.source)).as_posix()
+                if relative_path not in listed:
+                    listed.add(relative_path)
+                    new.append({"path": relative_path, "reason": reason, "stage": "decode"})
+        if new:
+            dataset = self.manifest["dataset"]
+            dataset["skipped_files"] = sorted(dataset["skipped_files"] + new, key=lambda e: e["path"])
+            dataset["decode_failures"] = sum(1 for e in dataset["skipped_files"] if e.get("stage") == "decode")
+            console.print(f"[yellow]warning: {len(new)} file(s) failed to decode and were left out of their batches "
+                          f"(listed in manifest.json dataset.skipped_files), e.g. "
+                          f"{escape(new[0]['path'])}: {escape(new[0]['reason'])}[/]")
 
     def step_entry(self, step: int) -> dict[str, Any] | None:
         return next((s for s in self.manifest["steps"] if s["step"] == step), None)
@@ -92,8 +114,10 @@ class Run:
 
     def loaders(self) -> tuple[Any, Any]:
         """DataLoaders of CPU tensors (export, parity checks and measurements take these)."""
-        return make_loaders(self.data, batch_size=self.config.batch_size, balance=self.config.balance,
-                            seed=self.config.seed, workers=self._workers(), pin_memory=self.device.type == "cuda")
+        loaders = make_loaders(self.data, batch_size=self.config.batch_size, balance=self.config.balance,
+                               seed=self.config.seed, workers=self._workers(), pin_memory=self.device.type == "cuda")
+        self._loaders_made.extend(loaders)
+        return loaders
 
     @property
     def data_on_device(self) -> bool:
@@ -108,9 +132,11 @@ class Run:
         shards = {"rank": distributed.world().rank, "world_size": distributed.world().world_size} \
             if distributed.active() else {}
         if not self.data_on_device:
-            return make_loaders(self.data, batch_size=self.config.batch_size, balance=self.config.balance,
-                                seed=self.config.seed, workers=self._workers(), pin_memory=self.device.type == "cuda",
-                                **shards)
+            loaders = make_loaders(self.data, batch_size=self.config.batch_size, balance=self.config.balance,
+                                   seed=self.config.seed, workers=self._workers(), pin_memory=self.device.type == "cuda",
+                                   **shards)
+            self._loaders_made.extend(loaders)
+            return loaders
         if self._training_loaders is None:
             from .device_data import device_loaders
 
@@ -118,6 +144,7 @@ class Run:
             self._training_loaders = device_loaders(
                 self.data, self.config.augmentation(), self.device, batch_size=self.config.batch_size,
                 balance=self.config.balance, seed=self.config.seed, workers=self._workers(), **shards)
+            self._loaders_made.extend(self._training_loaders)
             console.print(f"[dim]data held on {self.device}: {len(self.data.train_labels)} + "
                           f"{len(self.data.val_labels)} images decoded in {time.perf_counter() - started:.1f} s[/]")
         for loader in self._training_loaders:
@@ -177,9 +204,10 @@ def _stored_config(manifest: dict[str, Any]) -> RunConfig:
     return RunConfig(**{k: v for k, v in manifest["config"].items() if k in RunConfig.option_names()})
 
 
-def _load_data(config: RunConfig) -> DataBundle:
+def _load_data(config: RunConfig, scan_record: Path | None = None) -> DataBundle:
+    """The run's data; ``scan_record`` is the run's stored scan, so reopening reads no image."""
     return load_data(config.data, augment=config.augmentation(), val_fraction=config.val_fraction,
-                     seed=config.seed, input_size=config.input_size)
+                     seed=config.seed, input_size=config.input_size, scan_record=scan_record)
 
 
 def _join_run(run_dir: Path, manifest: dict[str, Any], device: str | None) -> Run:
@@ -190,7 +218,7 @@ def _join_run(run_dir: Path, manifest: dict[str, Any], device: str | None) -> Ru
         raise UsageError(f"rank {distributed.world().rank} on {socket.gethostname()} does not see {run_dir / MANIFEST} "
                          "that rank 0 wrote: --out must be on a filesystem that every node shares")
     config = _stored_config(manifest)
-    return Run(run_dir, config, manifest, _load_data(config), resolve_device(device or config.device))
+    return Run(run_dir, config, manifest, _load_data(config, run_dir / SCAN_RECORD), resolve_device(device or config.device))
 
 
 def _open_run(run_dir: Path, config: RunConfig | None, *, force: bool, device: str | None) -> Run:
@@ -222,11 +250,24 @@ def _open_run(run_dir: Path, config: RunConfig | None, *, force: bool, device: s
 
         if "CUDAExecutionProvider" not in onnxruntime.get_available_providers() or not torch.cuda.is_available():
             raise UsageError("--latency-backend ort-cuda: no CUDA device or ONNX Runtime CUDA provider on this machine")
-    data = _load_data(config)
+    step0_done = any(s["step"] == 0 for s in (manifest or {}).get("steps", []))
+    if config.weights == "imagenet" and config.model is None and not step0_done \
+            and config.arch in models.TORCHVISION_ARCHS and not models.imagenet_weights_available(config.arch):
+        models.imagenet_state_dict(config.arch)  # download now: offline, fail in seconds, before scanning the data
+    data = _load_data(config, run_dir / SCAN_RECORD if manifest is not None else None)
     if manifest is None:
         run_dir.mkdir(parents=True, exist_ok=True)
         manifest = {"format": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "steps": [], "stages": {}}
+    if data.scan is not None and not data.scan.stats.get("reused"):
+        data.scan.save(run_dir / SCAN_RECORD)
+    decode_failures = [e for e in manifest.get("dataset", {}).get("skipped_files", []) if e.get("stage") == "decode"]
     manifest["dataset"] = data.summary()
+    if decode_failures:  # found by earlier commands of this run; the scan cannot see them
+        known = {e["path"] for e in manifest["dataset"]["skipped_files"]}
+        manifest["dataset"]["skipped_files"] = sorted(
+            manifest["dataset"]["skipped_files"] + [e for e in decode_failures if e["path"] not in known],
+            key=lambda e: e["path"])
+        manifest["dataset"]["decode_failures"] = len(decode_failures)
     manifest["preprocessing"] = data.preprocessing.to_dict()
     manifest["config"] = config.to_dict()
     manifest["versions"] = library_versions()
@@ -237,10 +278,23 @@ def _open_run(run_dir: Path, config: RunConfig | None, *, force: bool, device: s
     return run
 
 
-def _resolved_weights(config: RunConfig) -> str:
+def _resolved_weights(config: RunConfig) -> tuple[str, str | None]:
+    """The weights fine-tuning starts from, and for ``auto`` why (recorded in the manifest).
+    ``auto``: ImageNet weights for a torchvision ResNet with its ImageNet stem, from the torch
+    cache or downloaded; when they cannot be had, from scratch with a warning."""
     if config.weights != "auto":
-        return config.weights
-    return "imagenet" if models.imagenet_weights_available(config.arch) and config.stem == "imagenet" else "none"
+        return config.weights, None
+    if config.arch not in models.TORCHVISION_ARCHS:
+        return "none", f"auto: there are no ImageNet weights for {config.arch}; trained from scratch"
+    if config.stem != "imagenet":
+        return "none", f"auto: --stem {config.stem} replaces the stem ImageNet weights were trained with; trained from scratch"
+    try:
+        models.imagenet_state_dict(config.arch)  # into the torch cache, for build_model
+    except models.WeightsUnavailable as exc:
+        note = f"auto: ImageNet weights unavailable, trained from scratch ({exc})"
+        console.print(f"[yellow]warning: {escape(note)}[/]")
+        return "none", note
+    return "imagenet", "auto: ImageNet weights (torchvision)"
 
 
 @distributed.main_process_only
@@ -276,16 +330,19 @@ def finetune(run: Run) -> None:
         run.manifest["stages"]["finetune"] = {"skipped": "started from --model", "model": str(config.model)}
         _record_step(run, 0, model.cpu(), accuracy, {"source": "model"})
         return
-    weights = _resolved_weights(config)
-    model = distributed.run_local_main_first(lambda: models.build_model(  # a weights download happens once per node
-        config.arch, len(run.data.classes), weights=weights, stem=config.stem, trust_pickle=config.trust_pickle))
+    # a weights download happens once per node; the other processes find the file in the cache
+    weights, weights_note = distributed.run_local_main_first(lambda: _resolved_weights(config))
+    run.manifest["stages"]["finetune"] = {"weights": weights, **({"weights_note": weights_note} if weights_note else {})}
+    run.save()
+    model = models.build_model(config.arch, len(run.data.classes), weights=weights, stem=config.stem,
+                               trust_pickle=config.trust_pickle)
     settings = config.finetune_settings(pretrained=weights != "none")
     started = time.perf_counter()
     result = fit(model, train_loader, val_loader, settings, device=run.device,
                  state_path=step_dir(run.run_dir, 0) / "train_state.pt", label="fine-tune",
                  class_weight=run.class_weight(), seed=config.seed)
     run.manifest["stages"]["finetune"] = {
-        "weights": weights, "settings": settings.__dict__, "best_epoch": result.best_epoch,
+        "weights": weights, **({"weights_note": weights_note} if weights_note else {}), "settings": settings.__dict__, "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run, "stopped_early": result.stopped_early, "history": result.history,
         "seconds": round(time.perf_counter() - started, 1), "device": str(run.device), "data_on_device": run.data_on_device,
         **_training_world(run),

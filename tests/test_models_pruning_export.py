@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import onnx
@@ -10,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from compress import models
 from compress.errors import UsageError
 from compress.export import INPUT_NAME, OUTPUT_NAME, ParityError, export_onnx, parity_check, read_metadata
 from compress.models import build_model, imagenet_weights_path, load_checkpoint, save_checkpoint
@@ -81,12 +83,159 @@ def test_pickled_model_needs_explicit_opt_in(tmp_path: Path) -> None:
     assert isinstance(model, nn.Module)
 
 
-def test_imagenet_weights_offline_error_says_where_the_file_goes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    expected = imagenet_weights_path("resnet18")
-    assert str(expected).startswith(str(tmp_path))
-    with pytest.raises(UsageError, match=str(expected.name)):
+# --- ImageNet weights through torchvision's weights API, against a local HTTP server ----------
+
+@pytest.fixture()
+def weights_server(tmp_path: Path) -> Iterator[tuple[str, Path, dict[str, torch.Tensor]]]:
+    """A local HTTP server with a real resnet18 state dict named as torch.hub expects
+    (``resnet18-<first 8 hex digits of its SHA-256>.pth``), plus a copy under a wrong hash."""
+    import functools
+    import hashlib
+    import http.server
+    import threading
+
+    folder = tmp_path / "served"
+    folder.mkdir()
+    state = build_model("resnet18", 1000).state_dict()
+    raw = folder / "raw.pth"
+    torch.save(state, raw)
+    digest = hashlib.sha256(raw.read_bytes()).hexdigest()
+    raw.rename(folder / f"resnet18-{digest[:8]}.pth")
+    (folder / "resnet18-deadbeef.pth").write_bytes((folder / f"resnet18-{digest[:8]}.pth").read_bytes())
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *args: None  # type: ignore[attr-defined]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/resnet18-{digest[:8]}.pth", folder, state
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _point_at(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, url: str) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.setattr(models, "imagenet_weights_url", lambda arch: url)
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_imagenet_weights_are_downloaded_hash_checked_and_cached(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, weights_server: tuple[str, Path, dict]) -> None:
+    url, folder, state = weights_server
+    _point_at(monkeypatch, tmp_path, url)
+    cached = imagenet_weights_path("resnet18")
+    assert cached.parent == tmp_path / "torch-home" / "hub" / "checkpoints" and not cached.exists()
+    model = build_model("resnet18", 4, weights="imagenet")
+    assert torch.equal(model.conv1.weight, state["conv1.weight"]) and model.fc.out_features == 4
+    assert cached.read_bytes() == (folder / cached.name).read_bytes()
+    for served in folder.iterdir():
+        served.unlink()  # from now on only the cache can answer
+    again = build_model("resnet18", 4, weights="imagenet")
+    assert torch.equal(again.layer4[1].conv2.weight, state["layer4.1.conv2.weight"])
+
+
+def test_imagenet_weights_with_a_wrong_hash_are_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, weights_server: tuple[str, Path, dict]) -> None:
+    url, _, _ = weights_server
+    _point_at(monkeypatch, tmp_path, url.rsplit("/", 1)[0] + "/resnet18-deadbeef.pth")
+    with pytest.raises(UsageError, match="invalid hash value") as error:
         build_model("resnet18", 4, weights="imagenet")
+    assert str(imagenet_weights_path("resnet18")) in str(error.value)
+    assert not imagenet_weights_path("resnet18").exists()
+    assert not any(imagenet_weights_path("resnet18").parent.iterdir())  # no partial file left behind
+
+
+@pytest.mark.parametrize("server", ["refused", "silent"])
+def test_imagenet_weights_offline_fail_fast_saying_where_the_file_goes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server: str) -> None:
+    """Nothing listening (connection refused), or a server that accepts and never answers
+    (the download's socket timeout ends it)."""
+    import socket
+    import time
+
+    monkeypatch.setattr(models, "CONNECT_TIMEOUT_S", 0.5)
+    listener = None
+    if server == "refused":
+        port = _closed_port()
+    else:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)  # the kernel completes connections; nobody reads or answers
+        port = listener.getsockname()[1]
+    _point_at(monkeypatch, tmp_path, f"http://127.0.0.1:{port}/resnet18-f37072fd.pth")
+    started = time.monotonic()
+    try:
+        with pytest.raises(UsageError) as error:
+            build_model("resnet18", 4, weights="imagenet")
+    finally:
+        if listener is not None:
+            listener.close()
+    assert time.monotonic() - started < 10
+    message = str(error.value)
+    assert "\n" not in message and str(imagenet_weights_path("resnet18")) in message
+    assert ("cannot be reached" if server == "refused" else "timed out") in message
+
+
+def test_compress_run_with_imagenet_weights_offline_exits_2_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     tiny_data: Path, capsys: pytest.CaptureFixture) -> None:
+    """The download is tried before the data is scanned or the run directory made."""
+    import time
+
+    from compress.cli import main
+
+    monkeypatch.setattr(models, "CONNECT_TIMEOUT_S", 0.5)
+    _point_at(monkeypatch, tmp_path, f"http://127.0.0.1:{_closed_port()}/resnet18-f37072fd.pth")
+    started = time.monotonic()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--data", str(tiny_data), "--out", str(tmp_path / "run"), "--arch", "resnet18",
+              "--weights", "imagenet", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and time.monotonic() - started < 30
+    assert err.count("\n") == 1 and str(imagenet_weights_path("resnet18")) in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_auto_weights_use_imagenet_when_downloadable_else_scratch_with_a_warning(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, weights_server: tuple[str, Path, dict]) -> None:
+    from compress.config import RunConfig
+    from compress.pipeline import _resolved_weights
+
+    url, _, _ = weights_server
+    _point_at(monkeypatch, tmp_path, url)
+    assert _resolved_weights(RunConfig(arch="resnet18"))[0] == "imagenet"
+    assert imagenet_weights_path("resnet18").is_file()
+    assert _resolved_weights(RunConfig(arch="resnet20"))[0] == "none"
+    assert _resolved_weights(RunConfig(arch="resnet18", stem="cifar"))[0] == "none"
+    assert _resolved_weights(RunConfig(arch="resnet18", weights="none")) == ("none", None)
+    monkeypatch.setattr(models, "CONNECT_TIMEOUT_S", 0.5)
+    _point_at(monkeypatch, tmp_path / "offline", f"http://127.0.0.1:{_closed_port()}/resnet18-f37072fd.pth")
+    weights, note = _resolved_weights(RunConfig(arch="resnet18"))
+    assert weights == "none" and "trained from scratch" in note and "cannot be reached" in note
+
+
+def test_auto_weights_offline_are_recorded_in_the_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            tiny_data: Path, capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    from compress.cli import main
+
+    from conftest import TINY_OPTIONS
+
+    monkeypatch.setattr(models, "CONNECT_TIMEOUT_S", 0.5)
+    _point_at(monkeypatch, tmp_path, f"http://127.0.0.1:{_closed_port()}/resnet18-f37072fd.pth")
+    options = [{"resnet20": "resnet18", "2": "1"}.get(o, o) for o in TINY_OPTIONS]  # resnet18, one epoch
+    main(["finetune", "--data", str(tiny_data), "--out", str(tmp_path / "run"), "--workers", "0", *options])
+    stage = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["finetune"]
+    assert stage["weights"] == "none" and "ImageNet weights unavailable" in stage["weights_note"]
+    assert "warning: auto: ImageNet weights unavailable" in " ".join(capsys.readouterr().err.split())
 
 
 def test_imagenet_weights_load_from_the_local_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
