@@ -16,11 +16,11 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
 from . import export as onnx_export
 from . import quantize
-from .data import DataBundle
+from .data import DataBundle, SkippingDataLoader
 from .errors import UsageError
 from .runtime.precisions import VARIANT_FILES
 from .runtime.sessions import OrtModel, SessionSettings
@@ -69,8 +69,11 @@ def calibration_images(data: DataBundle, settings: quantize.Int8Settings) -> np.
     if not indices:
         raise UsageError("no calibration images: the training split is empty")
     view = Subset(with_transform(data.train, data.preprocessing.eval_transform()), indices)
-    loader = DataLoader(view, batch_size=64, shuffle=False, num_workers=0)
-    return np.concatenate([images.numpy() for images, _ in loader]).astype(np.float32)
+    loader = SkippingDataLoader(view, batch_size=64, shuffle=False, num_workers=0)  # an undecodable file is left out
+    batches = [images.numpy() for images, _ in loader]
+    if not batches:
+        raise UsageError("no calibration images: none of the chosen training images could be decoded")
+    return np.concatenate(batches).astype(np.float32)
 
 
 def _record(run_dir: Path, path: Path, metrics: dict[str, Any], fp32_accuracy: float, max_drop: float,
