@@ -131,7 +131,8 @@ def run(data: Data = None, out: Out = None, arch: Arch = None, weights: Weights 
     from .pipeline import console, run_all
 
     summary = run_all(run_)
-    console.print(f"[bold green]done[/]: {run_.run_dir}/report.md (recommended step {summary['recommended_step']})")
+    console.print(f"[bold green]done[/]: {run_.run_dir}/report.md (recommended: step {summary['recommended_step']} "
+                  f"{summary.get('recommended_precision', 'fp32')})")
 
 
 def _with_run_options(action: Any, doc: str) -> Any:
