@@ -684,3 +684,33 @@ def test_service_on_cuda_answers_and_says_cuda(store: Store, server_factory: Any
     assert answer.status_code == 200 and answer.json()["label"] in CLASSES
     meta = httpx.get(f"{server.url}/metadata", timeout=30).json()
     assert meta["providers"] == {store.step1: "cuda"}
+
+
+def test_the_service_serves_an_int8_variant(store: Store, server_factory: Any, tmp_path: Path) -> None:
+    """`compress quantize` + `compress register` + `SERVE_PRECISION=int8 bentoml serve`: the int8 model
+    answers like direct ONNX Runtime on that file, and /metadata says int8 (and the provider)."""
+    from compress.cli import main
+    from compress.registry import register
+
+    run = tmp_path / "run"
+    shutil.copytree(store.run, run, ignore=shutil.ignore_patterns("bench"))
+    main(["quantize", str(run), "--steps", "1", "--calibration-images", "24", "--int8-format", "qdq-u8s8",
+          "--max-accuracy-drop", "0.5"])
+    tag = register(run, step=1, name="tiny-int8", bentoml_home=store.home)
+    server = server_factory(SERVE_MODELS=tag, SERVE_PRECISION="int8").wait_ready()
+    images = [_encode(_picture(name, (32, 32), seed), "PNG") for seed, name in enumerate(CLASSES)]
+    import onnxruntime as ort
+
+    from compress.data import Preprocessing as TrainPre
+    from compress.imaging import open_rgb
+
+    entry = next(s for s in json.loads((run / "manifest.json").read_text())["steps"] if s["step"] == 1)
+    session = ort.InferenceSession(str(run / entry["variants"]["int8"]["onnx"]), providers=["CPUExecutionProvider"])
+    transform = TrainPre.from_dict(json.loads((run / "manifest.json").read_text())["preprocessing"]).eval_transform()
+    for data in images:
+        answer = classify(server, data)
+        assert answer.status_code == 200, answer.text
+        logits = session.run(None, {"input": transform(open_rgb(io.BytesIO(data)))[None].numpy()})[0][0]
+        assert answer.json()["label"] == CLASSES[int(logits.argmax())]
+    meta = httpx.get(f"{server.url}/metadata", timeout=30).json()
+    assert meta["precisions"] == {tag: "int8"} and meta["providers"][tag] in ("cpu", "cuda")
