@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/compress run --out $(OUT)
+	$(VENV)/bin/compress run --out $(OUT) --precisions fp32,int8
 
 test: setup
 	$(PY) -m pytest -q
