@@ -535,29 +535,31 @@ def build_variants(run: Run, step: int, precisions: tuple[str, ...], int8: Any) 
     wanted = [p for p in precisions if p != "fp32" and not _variant_current(run, {"variants": current}, p, int8)]
     if not wanted and all(v.get("accuracy") is not None for v in current.values()) and "fp32" in current:
         return
-    _, val_loader = run.loaders()
-    records = {p: v for p, v in current.items() if p not in wanted}
-    made: dict[str, Path] = {}
-    for precision in wanted:
-        if precision == "fp16":
-            made["fp16"] = builders.build_fp16(fp32_path, folder)
-        elif precision == "int8":
+    kept = {p: run.run_dir / v["onnx"] for p, v in current.items() if p not in wanted and p != "fp32"}
+    made = {"fp16": builders.build_fp16(fp32_path, folder)} if "fp16" in wanted else {}
+    scratch = folder / builders.INT8_SCRATCH
+    try:
+        candidates: dict[str, Path] = {}
+        if "int8" in wanted:
             calibration = builders.calibration_images(run.data, int8)
-            probe = next(iter(val_loader))[0].numpy()
-            path, metrics, details = builders.build_int8(fp32_path, folder, calibration, val_loader, int8, probe)
-            records["int8"] = builders._record(run.run_dir, path, metrics, 0.0, int8.max_accuracy_drop, details)
-    others = {p: run.run_dir / v["onnx"] for p, v in records.items() if p not in ("int8",)}
-    measured = builders.evaluate_variants({**others, **made, "fp32": fp32_path}, val_loader)
-    fp32_accuracy = measured["fp32"]["accuracy"]
-    for precision, path in {**others, **made}.items():
-        details = {"parity": entry["parity"]} if precision == "fp32" else \
-            {k: v for k, v in records.get(precision, {}).items()
-             if k not in ("onnx", "bytes", "accuracy", "top1_agreement", "max_abs_diff", "accuracy_drop", "flagged", "images")}
-        records[precision] = builders._record(run.run_dir, path, measured[precision], fp32_accuracy,
+            candidates = builders.quantize_candidates(fp32_path, scratch, calibration, int8)
+        files = {"fp32": fp32_path, **kept, **made, **{f"int8:{fmt}": path for fmt, path in candidates.items()}}
+        _, val_loader = run.loaders()
+        measured = builders.evaluate_variants(files, val_loader)  # one pass over the validation split for all
+        fp32_accuracy = measured["fp32"]["accuracy"]
+        records = {}
+        for precision in ("fp32", *kept, *made):
+            details = {"parity": entry["parity"]} if precision == "fp32" else builders.details_of(current.get(precision, {}))
+            records[precision] = builders.record(run.run_dir, files[precision], measured[precision], fp32_accuracy,
+                                                 int8.max_accuracy_drop, details)
+        if candidates:  # the calibration images serve as the timing probe: latency does not depend on content
+            path, fmt, details = builders.keep_int8(fp32_path, folder, candidates,
+                                                    {f: measured[f"int8:{f}"] for f in candidates}, fp32_accuracy,
+                                                    int8, len(calibration), calibration)
+            records["int8"] = builders.record(run.run_dir, path, measured[f"int8:{fmt}"], fp32_accuracy,
                                               int8.max_accuracy_drop, details)
-    if "int8" in records:  # measured against the same fp32 file in build_int8; the drop against this run's figure
-        records["int8"]["accuracy_drop"] = fp32_accuracy - records["int8"]["accuracy"]
-        records["int8"]["flagged"] = records["int8"]["accuracy_drop"] > int8.max_accuracy_drop + 1e-12
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     entry["variants"] = {p: records[p] for p in PRECISIONS if p in records}
     run.put_step(entry)
     for precision in wanted:

@@ -76,8 +76,13 @@ def calibration_images(data: DataBundle, settings: quantize.Int8Settings) -> np.
     return np.concatenate(batches).astype(np.float32)
 
 
-def _record(run_dir: Path, path: Path, metrics: dict[str, Any], fp32_accuracy: float, max_drop: float,
-            details: dict[str, Any]) -> dict[str, Any]:
+MEASURED_KEYS = ("onnx", "bytes", "accuracy", "top1_agreement", "max_abs_diff", "accuracy_drop", "flagged", "images")
+INT8_SCRATCH = ".int8-candidates"
+
+
+def record(run_dir: Path, path: Path, metrics: dict[str, Any], fp32_accuracy: float, max_drop: float,
+           details: dict[str, Any]) -> dict[str, Any]:
+    """A variant's manifest record: its file, its measured figures against fp32, ``details``."""
     drop = fp32_accuracy - metrics["accuracy"]
     return {"onnx": path.resolve().relative_to(run_dir.resolve()).as_posix(), "bytes": path.stat().st_size,
             "accuracy": metrics["accuracy"], "top1_agreement": metrics["top1_agreement"],
@@ -85,41 +90,47 @@ def _record(run_dir: Path, path: Path, metrics: dict[str, Any], fp32_accuracy: f
             "images": metrics["images"], **details}
 
 
-def build_int8(fp32_path: Path, folder: Path, calibration: np.ndarray, val_batches: Batches,
-               settings: quantize.Int8Settings, probe: np.ndarray) -> tuple[Path, dict[str, Any], dict[str, Any]]:
-    """Quantize every candidate format, measure each (accuracy on the validation split; batch-1
-    latency on ``probe`` interleaved with fp32, ORT CPU, spinning off), keep the chosen one as
-    ``model_int8.onnx``. Returns its path, its metrics and the manifest details."""
-    scratch = folder / ".int8-candidates"
-    shutil.rmtree(scratch, ignore_errors=True)  # left by a killed run: redo
+def details_of(recorded: dict[str, Any]) -> dict[str, Any]:
+    """What a record says beyond its measured figures (int8: format, calibration, formats tried)."""
+    return {k: v for k, v in recorded.items() if k not in MEASURED_KEYS}
+
+
+def quantize_candidates(fp32_path: Path, scratch: Path, calibration: np.ndarray,
+                        settings: quantize.Int8Settings) -> dict[str, Path]:
+    """Every candidate int8 format of ``fp32_path`` in ``scratch`` (emptied first: a killed run
+    may have left candidates there)."""
+    shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
-    try:
-        files = {fmt: scratch / f"{fmt}.onnx" for fmt in settings.candidates()}
-        for fmt, path in files.items():
-            quantize.quantize_file(fp32_path, path, calibration, fmt=fmt, method=settings.calibration_method)
-        batches = list(val_batches)
-        metrics = evaluate_variants({"fp32": fp32_path, **files}, batches)
+    files = {fmt: scratch / f"{fmt}.onnx" for fmt in settings.candidates()}
+    for fmt, path in files.items():
+        quantize.quantize_file(fp32_path, path, calibration, fmt=fmt, method=settings.calibration_method)
+    return files
+
+
+def keep_int8(fp32_path: Path, folder: Path, candidates: dict[str, Path], metrics: dict[str, dict[str, Any]],
+              fp32_accuracy: float, settings: quantize.Int8Settings, calibration_images: int,
+              probe: np.ndarray) -> tuple[Path, str, dict[str, Any]]:
+    """Choose among the measured candidates (with several, each is timed at batch 1 on ``probe``
+    interleaved with fp32, ORT CPU, spinning off, and the fastest within the drop wins) and keep
+    the chosen one as ``model_int8.onnx``. Returns its path, its format and the manifest details."""
+    latency: dict[str, float] = {}
+    if len(candidates) > 1:
         runners = {name: OrtModel(path, SessionSettings("cpu", spinning=False)).timed_call(probe[:1])
-                   for name, path in {"fp32": fp32_path, **files}.items()}
-        latency = quantize.time_formats(runners) if len(files) > 1 else {}
-        fp32_ms = latency.get("fp32")
-        tried = {fmt: {"accuracy": metrics[fmt]["accuracy"], "top1_agreement": metrics[fmt]["top1_agreement"],
-                       "p50_ms": latency.get(fmt), "speedup_vs_fp32": (fp32_ms / latency[fmt]) if fmt in latency else None}
-                 for fmt in files}
-        if len(files) > 1:
-            chosen, _ = quantize.pick_format(tried, metrics["fp32"]["accuracy"], settings.max_accuracy_drop)
-        else:
-            chosen = next(iter(files))
-        target = folder / VARIANT_FILES["int8"]
-        shutil.move(str(files[chosen]), str(target))
-        details = {"format": chosen, "format_choice": settings.int8_format,
-                   "calibration": settings.calibration_record(len(calibration)),
-                   "formats_tried": tried if len(files) > 1 else None,
-                   "timing": {"batch": 1, "backend": "ort-cpu", "intra_op_threads": "ort default",
-                              "intra_op_spinning": False, "fp32_p50_ms": fp32_ms} if len(files) > 1 else None}
-        return target, metrics[chosen], details
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+                   for name, path in {"fp32": fp32_path, **candidates}.items()}
+        latency = quantize.time_formats(runners)
+    fp32_ms = latency.get("fp32")
+    tried = {fmt: {"accuracy": metrics[fmt]["accuracy"], "top1_agreement": metrics[fmt]["top1_agreement"],
+                   "p50_ms": latency.get(fmt), "speedup_vs_fp32": (fp32_ms / latency[fmt]) if fmt in latency else None}
+             for fmt in candidates}
+    chosen = quantize.pick_format(tried, fp32_accuracy, settings.max_accuracy_drop)[0] if latency else next(iter(candidates))
+    target = folder / VARIANT_FILES["int8"]
+    shutil.move(str(candidates[chosen]), str(target))
+    details = {"format": chosen, "format_choice": settings.int8_format,
+               "calibration": settings.calibration_record(calibration_images),
+               "formats_tried": tried if latency else None,
+               "timing": {"batch": 1, "backend": "ort-cpu", "intra_op_threads": "ort default",
+                          "intra_op_spinning": False, "fp32_p50_ms": fp32_ms} if latency else None}
+    return target, chosen, details
 
 
 def build_fp16(fp32_path: Path, folder: Path) -> Path:
