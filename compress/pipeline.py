@@ -112,10 +112,14 @@ class Run:
         cores = (os.cpu_count() or 1) // distributed.world().local_world_size
         return 0 if self.data.layout == "embedded" else min(4, max(1, cores - 1))
 
-    def loaders(self) -> tuple[Any, Any]:
-        """DataLoaders of CPU tensors (export, parity checks and measurements take these)."""
+    def loaders(self, *, sharded: bool = False) -> tuple[Any, Any]:
+        """DataLoaders of CPU tensors (export, parity checks and measurements take these);
+        ``sharded``: under torchrun, this rank's shards (training)."""
+        shards = {"rank": distributed.world().rank, "world_size": distributed.world().world_size} \
+            if sharded and distributed.active() else {}
         loaders = make_loaders(self.data, batch_size=self.config.batch_size, balance=self.config.balance,
-                               seed=self.config.seed, workers=self._workers(), pin_memory=self.device.type == "cuda")
+                               seed=self.config.seed, workers=self._workers(), pin_memory=self.device.type == "cuda",
+                               **shards)
         self._loaders_made.extend(loaders)
         return loaders
 
@@ -129,17 +133,13 @@ class Run:
         """Loaders for training and evaluation: with ``--data-on-device`` the images decoded
         once onto the device (kept for the whole command), else like ``loaders()``; under
         torchrun this rank's shards (``--batch-size`` is per rank)."""
-        shards = {"rank": distributed.world().rank, "world_size": distributed.world().world_size} \
-            if distributed.active() else {}
         if not self.data_on_device:
-            loaders = make_loaders(self.data, batch_size=self.config.batch_size, balance=self.config.balance,
-                                   seed=self.config.seed, workers=self._workers(), pin_memory=self.device.type == "cuda",
-                                   **shards)
-            self._loaders_made.extend(loaders)
-            return loaders
+            return self.loaders(sharded=True)
         if self._training_loaders is None:
             from .device_data import device_loaders
 
+            shards = {"rank": distributed.world().rank, "world_size": distributed.world().world_size} \
+                if distributed.active() else {}
             started = time.perf_counter()
             self._training_loaders = device_loaders(
                 self.data, self.config.augmentation(), self.device, batch_size=self.config.batch_size,
@@ -332,7 +332,8 @@ def finetune(run: Run) -> None:
         return
     # a weights download happens once per node; the other processes find the file in the cache
     weights, weights_note = distributed.run_local_main_first(lambda: _resolved_weights(config))
-    run.manifest["stages"]["finetune"] = {"weights": weights, **({"weights_note": weights_note} if weights_note else {})}
+    weights_record = {"weights": weights, **({"weights_note": weights_note} if weights_note else {})}
+    run.manifest["stages"]["finetune"] = dict(weights_record)
     run.save()
     model = models.build_model(config.arch, len(run.data.classes), weights=weights, stem=config.stem,
                                trust_pickle=config.trust_pickle)
@@ -342,7 +343,7 @@ def finetune(run: Run) -> None:
                  state_path=step_dir(run.run_dir, 0) / "train_state.pt", label="fine-tune",
                  class_weight=run.class_weight(), seed=config.seed)
     run.manifest["stages"]["finetune"] = {
-        "weights": weights, **({"weights_note": weights_note} if weights_note else {}), "settings": settings.__dict__, "best_epoch": result.best_epoch,
+        **weights_record, "settings": settings.__dict__, "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run, "stopped_early": result.stopped_early, "history": result.history,
         "seconds": round(time.perf_counter() - started, 1), "device": str(run.device), "data_on_device": run.data_on_device,
         **_training_world(run),
