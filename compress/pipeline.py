@@ -77,18 +77,10 @@ class Run:
     def _record_decode_failures(self) -> None:
         """Files that passed the scan but failed to decode in a loader of this command join
         ``dataset.skipped_files`` (``"stage": "decode"``), with a warning the first time."""
-        listed = {entry["path"] for entry in self.manifest["dataset"]["skipped_files"]}
-        new = []
-        for loader in self._loaders_made:
-            for path, reason in getattr(loader, "skipped", {}).items():
-                relative_path = Path(os.path.relpath(path, self.data.source)).as_posix()
-                if relative_path not in listed:
-                    listed.add(relative_path)
-                    new.append({"path": relative_path, "reason": reason, "stage": "decode"})
+        found = [{"path": Path(os.path.relpath(path, self.data.source)).as_posix(), "reason": reason, "stage": "decode"}
+                 for loader in self._loaders_made for path, reason in getattr(loader, "skipped", {}).items()]
+        new = _add_decode_failures(self.manifest["dataset"], found)
         if new:
-            dataset = self.manifest["dataset"]
-            dataset["skipped_files"] = sorted(dataset["skipped_files"] + new, key=lambda e: e["path"])
-            dataset["decode_failures"] = sum(1 for e in dataset["skipped_files"] if e.get("stage") == "decode")
             console.print(f"[yellow]warning: {len(new)} file(s) failed to decode and were left out of their batches "
                           f"(listed in manifest.json dataset.skipped_files), e.g. "
                           f"{escape(new[0]['path'])}: {escape(new[0]['reason'])}[/]")
@@ -192,6 +184,21 @@ def open_run(run_dir: Path, config: RunConfig | None, *, force: bool = False, de
     return opened
 
 
+def _add_decode_failures(dataset: dict[str, Any], failures: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Add the files that failed to decode (``"stage": "decode"``) to ``dataset.skipped_files``,
+    each once, and count them in ``decode_failures``; returns those that were new."""
+    listed = {entry["path"] for entry in dataset["skipped_files"]}
+    new = []
+    for failure in failures:
+        if failure["path"] not in listed:
+            listed.add(failure["path"])
+            new.append(failure)
+    if new:
+        dataset["skipped_files"] = sorted(dataset["skipped_files"] + new, key=lambda e: e["path"])
+        dataset["decode_failures"] = sum(1 for e in dataset["skipped_files"] if e.get("stage") == "decode")
+    return new
+
+
 def _device_option(run_dir: Path, config: RunConfig | None) -> str:
     """The ``--device`` a command will use, known before the run is opened (it picks the backend)."""
     if config is not None:
@@ -262,12 +269,7 @@ def _open_run(run_dir: Path, config: RunConfig | None, *, force: bool, device: s
         data.scan.save(run_dir / SCAN_RECORD)
     decode_failures = [e for e in manifest.get("dataset", {}).get("skipped_files", []) if e.get("stage") == "decode"]
     manifest["dataset"] = data.summary()
-    if decode_failures:  # found by earlier commands of this run; the scan cannot see them
-        known = {e["path"] for e in manifest["dataset"]["skipped_files"]}
-        manifest["dataset"]["skipped_files"] = sorted(
-            manifest["dataset"]["skipped_files"] + [e for e in decode_failures if e["path"] not in known],
-            key=lambda e: e["path"])
-        manifest["dataset"]["decode_failures"] = len(decode_failures)
+    _add_decode_failures(manifest["dataset"], decode_failures)  # found by earlier commands; the scan cannot see them
     manifest["preprocessing"] = data.preprocessing.to_dict()
     manifest["config"] = config.to_dict()
     manifest["versions"] = library_versions()
