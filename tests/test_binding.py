@@ -106,3 +106,41 @@ def test_service_runtime_settings_parse_and_refuse_bad_values() -> None:
                 {"SERVE_CUDNN_ALGO_SEARCH": "fast"}, {"SERVE_CUDNN_MAX_WORKSPACE": "maybe"}):
         with pytest.raises(ConfigError):
             Settings.from_env(env)
+
+
+def test_bench_serve_options_measures_the_service_options_and_names_the_settings(tiny_run: Path, tmp_path: Path,
+                                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from bench.cli import main as bench_main
+
+    out = tmp_path / "options"
+    bench_main(["serve-options", f"{tiny_run}:1", "--provider", "cpu", "--max-batch-size", "4", "--seconds", "0.05",
+                "--rounds", "2", "--out", str(out)])
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["provider"] == "cpu" and doc["cudnn"] is None
+    assert set(doc["batch_shapes"]["images_per_s"]) == {"buckets", "exact"}
+    assert doc["batch_shapes"]["warm_up"]["buckets"]["sizes"] == 3 and doc["batch_shapes"]["warm_up"]["exact"]["sizes"] == 4
+    assert "4 threads, per-thread" in doc["model_threads"]["images_per_s"]
+    assert all(v["images_per_s"] > 0 for v in doc["model_threads"]["images_per_s"].values())
+    env = doc["recommended_env"]
+    assert env["SERVE_BATCH_SHAPES"] in ("buckets", "exact") and env["SERVE_MODEL_THREADS"] in ("1", "2", "4")
+    assert "SERVE_BATCH_SHAPES=" in capsys.readouterr().out
+    assert "## Model threads" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["missing.onnx"], "model file not found"),
+    (["{run}:9"], "no step 9"),
+    (["{run}:1", "--precision", "int4"], "--precision must be one of"),
+    (["{run}:1", "--rounds", "0"], "--rounds must be >= 1"),
+])
+def test_bench_serve_options_bad_input_is_one_line_exit_2(tiny_run: Path, args: list[str], message: str) -> None:
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-c", "from bench.cli import main; main()", "serve-options",
+               *[a.format(run=tiny_run) for a in args]]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
