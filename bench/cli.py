@@ -179,6 +179,68 @@ def serve(
                f"{best['concurrency']}; errors: {sum(level['errors'] for level in doc['levels'])}")
 
 
+@app.command(name="serve-options")
+def serve_options(
+    model: Annotated[str, typer.Argument(help="RUN_DIR[:STEP] (default step: the recommended one) or an .onnx file.")],
+    precision: Annotated[str, typer.Option(help="Which variant of the run's step: fp32, fp16 or int8.")] = "fp32",
+    provider: Annotated[str, typer.Option(help="auto (CUDA when it runs, else CPU), cuda or cpu.")] = "auto",
+    max_batch_size: Annotated[int, typer.Option(help="The service's SERVE_MAX_BATCH_SIZE.")] = 64,
+    batch_sizes: Annotated[str, typer.Option(help="Batch sizes of the cuDNN comparison (CUDA only).")] = "1,8,64",
+    seconds: Annotated[float, typer.Option(help="Seconds each case is timed per round.")] = 2.0,
+    rounds: Annotated[int, typer.Option(help="Rounds (every case once per round; medians are reported).")] = 3,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: bench-serve-options/<timestamp>).")] = None,
+) -> None:
+    """Measure the service's runtime options for one model here (cuDNN search and workspace on CUDA, padded
+    or exact batch shapes, model threads with shared or per-thread sessions) and print the SERVE_* settings
+    the figures point to."""
+    from compress.rundir import atomic_write_json, atomic_write_text
+    from compress.runtime.precisions import PRECISIONS
+    from compress.runtime.sessions import PROVIDERS, ProviderUnavailable
+
+    if precision not in PRECISIONS or provider not in PROVIDERS:
+        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)} and --provider one of {', '.join(PROVIDERS)}")
+    sizes = parse_ints(batch_sizes, "--batch-sizes")
+    if max_batch_size < 1 or seconds <= 0 or rounds < 1 or max(sizes) > 8192:
+        raise UsageError("--max-batch-size and --rounds must be >= 1, --seconds > 0, batch sizes at most 8192")
+    path = _model_file(model, precision)
+    from .serve_options import measure, report_markdown
+
+    try:
+        doc = measure(path, provider=provider, max_batch_size=max_batch_size, batch_sizes=sizes, seconds=seconds,
+                      rounds=rounds)
+    except ProviderUnavailable as exc:
+        raise UsageError(f"--provider cuda: {exc}") from None
+    folder = output_dir(out, Path("bench-serve-options"))
+    atomic_write_json(folder / "results.json", doc)
+    atomic_write_text(folder / "report.md", report_markdown(doc))
+    typer.echo(f"{folder / 'report.md'}")
+    typer.echo("settings: " + " ".join(f"{k}={v}" for k, v in doc["recommended_env"].items()))
+
+
+def _model_file(text: str, precision: str) -> Path:
+    """``model.onnx`` as it is, or the ``precision`` file of ``RUN_DIR[:STEP]``."""
+    if text.endswith(".onnx"):
+        if not Path(text).is_file():
+            raise UsageError(f"model file not found: {text}")
+        return Path(text)
+    from compress.manifest import RunManifest
+    from compress.registry import choose_step
+    from compress.rundir import require_manifest
+
+    from .baseline import parse_baseline
+
+    try:
+        run_dir, step = parse_baseline(text)
+    except UsageError:
+        raise UsageError(f"{text} is neither an .onnx file nor a run directory (RUN_DIR[:STEP])") from None
+    raw = require_manifest(run_dir)
+    step = choose_step(raw) if step is None else step
+    path = RunManifest.from_dict(raw).step(step).variant_path(run_dir, precision)  # UsageError: no such step
+    if path is None or not path.is_file():
+        raise UsageError(f"step {step} of {run_dir} has no {precision} ONNX file")
+    return path
+
+
 @app.command()
 def compare(
     a: Annotated[Path, typer.Argument(help="results.json of `bench models` or `bench serve` (the baseline).")],

@@ -23,26 +23,32 @@ import numpy as np
 
 logger = logging.getLogger("serve")
 
-Predict = Callable[[np.ndarray], np.ndarray]
+Predict = Callable[[np.ndarray, int], np.ndarray]
+"""``predict(rows, slot)``: ``slot`` (0 .. slots - 1) says which model thread runs the call, so
+that each thread uses its own IO binding and buffers."""
 
 
 class AdaptiveBatcher:
-    """``await batcher(rows)`` -> ``predict(rows)``, computed in a batch with whatever else
-    is waiting. ``predict`` runs on one dedicated thread (ONNX Runtime releases the GIL, so
-    the event loop keeps accepting and decoding requests meanwhile), one call at a time:
-    a CPU session already uses every core, and a GPU batch is better than two small ones."""
+    """``await batcher(rows)`` -> ``predict(rows, slot)``, computed in a batch with whatever
+    else is waiting. ``predict`` runs on dedicated model threads (ONNX Runtime releases the
+    GIL, so the event loop keeps accepting and decoding requests meanwhile), at most ``slots``
+    calls at a time. One (the default) suits a CPU, where a session already uses every core;
+    on a GPU a second call can copy its batch while the first one computes."""
 
-    def __init__(self, predict: Predict, *, max_batch_size: int) -> None:
+    def __init__(self, predict: Predict, *, max_batch_size: int, slots: int = 1) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        if slots < 1:
+            raise ValueError(f"slots must be at least 1, got {slots}")
         self.predict = predict
         self.max_batch_size = max_batch_size
+        self.slots = slots
         self.batches = 0  # model calls made, and the rows they carried: the mean batch size is
         self.rows = 0     # rows / batches (reported by /metadata)
         self._pending: deque[tuple[np.ndarray, asyncio.Future[np.ndarray]]] = deque()
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._executor = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="model")
 
     async def __call__(self, rows: np.ndarray) -> np.ndarray:
         """Results for ``rows`` (split into chunks of at most ``max_batch_size`` rows)."""
@@ -82,32 +88,59 @@ class AdaptiveBatcher:
         return batch
 
     async def _serve(self, wakeup: asyncio.Event) -> None:
+        """Take a batch whenever a model thread is free (so batches grow while all are busy)."""
+        free = list(range(self.slots))
+        freed = asyncio.Event()
+        calls: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                if not free:
+                    freed.clear()
+                    await freed.wait()
+                    continue
+                batch = self._take_batch()
+                if not batch:
+                    wakeup.clear()
+                    await wakeup.wait()
+                    continue
+                slot = free.pop()
+                call = asyncio.create_task(self._call(batch, slot))
+                calls.add(call)
+
+                def done(task: asyncio.Task[None], slot: int = slot) -> None:
+                    calls.discard(task)
+                    free.append(slot)
+                    freed.set()
+
+                call.add_done_callback(done)
+                if self.slots == 1:
+                    await asyncio.wait({call})  # one at a time: the next batch gathers meanwhile
+        finally:
+            for call in calls:
+                call.cancel()
+
+    async def _call(self, batch: list[tuple[np.ndarray, asyncio.Future[np.ndarray]]], slot: int) -> None:
+        """One model call for ``batch`` on model thread ``slot``; answers or fails its callers."""
         loop = asyncio.get_running_loop()
-        while True:
-            batch = self._take_batch()
-            if not batch:
-                wakeup.clear()
-                await wakeup.wait()
-                continue
-            try:
-                stacked = batch[0][0] if len(batch) == 1 else np.concatenate([rows for rows, _ in batch], axis=0)
-                results = await loop.run_in_executor(self._executor, self.predict, stacked)
-                if len(results) != len(stacked):
-                    raise RuntimeError(f"the model returned {len(results)} rows for {len(stacked)}")
-            except Exception as exc:  # the callers answer 500; the batcher keeps serving
-                logger.exception("model call failed for a batch of %d request(s)", len(batch))
-                _fail(batch, exc)
-                continue
-            except BaseException as exc:  # cancelled (the loop is shutting down): nobody is left waiting
-                _fail(batch, exc)
-                raise
-            self.batches += 1
-            self.rows += len(stacked)
-            start = 0
-            for rows, future in batch:
-                if not future.done():
-                    future.set_result(results[start:start + len(rows)])
-                start += len(rows)
+        try:
+            stacked = batch[0][0] if len(batch) == 1 else np.concatenate([rows for rows, _ in batch], axis=0)
+            results = await loop.run_in_executor(self._executor, self.predict, stacked, slot)
+            if len(results) != len(stacked):
+                raise RuntimeError(f"the model returned {len(results)} rows for {len(stacked)}")
+        except Exception as exc:  # the callers answer 500; the batcher keeps serving
+            logger.exception("model call failed for a batch of %d request(s)", len(batch))
+            _fail(batch, exc)
+            return
+        except BaseException as exc:  # cancelled (the loop is shutting down): nobody is left waiting
+            _fail(batch, exc)
+            raise
+        self.batches += 1
+        self.rows += len(stacked)
+        start = 0
+        for rows, future in batch:
+            if not future.done():
+                future.set_result(results[start:start + len(rows)])
+            start += len(rows)
 
     def stats(self) -> dict[str, float]:
         return {"model_calls": self.batches, "rows": self.rows,

@@ -30,8 +30,8 @@ PREDICTION = {
 
 METADATA = {
     "type": "object",
-    "required": ["model", "models", "classes", "voting", "providers", "precisions", "onnxruntime", "input_sizes",
-                 "limits", "batching"],
+    "required": ["model", "models", "classes", "voting", "providers", "precisions", "runtime", "onnxruntime",
+                 "input_sizes", "limits", "batching"],
     "properties": {
         "model": {"type": "string"},
         "models": {"type": "array", "items": {"type": "object", "required": ["tag", "input_size"]}},
@@ -39,6 +39,13 @@ METADATA = {
         "voting": {"type": ["string", "null"], "enum": ["soft", "hard", None]},
         "providers": {"type": "object", "additionalProperties": {"type": "string"}},
         "precisions": {"type": "object", "additionalProperties": {"type": "string", "enum": ["fp32", "fp16", "int8"]}},
+        "runtime": {"type": "object", "required": ["model_threads", "sessions", "batch_shapes", "warmed_batch_sizes"],
+                    "properties": {"model_threads": {"type": "integer", "minimum": 1},
+                                   "sessions": {"type": "string", "enum": ["shared", "per-thread"]},
+                                   "batch_shapes": {"type": "string", "enum": ["buckets", "exact"]},
+                                   "intra_op_threads": {"type": ["integer", "null"]},
+                                   "cuda_options": {"type": ["object", "null"]},
+                                   "warmed_batch_sizes": {"type": "array", "items": {"type": "integer"}}}},
         "onnxruntime": {"type": "string"},
         "input_sizes": {"type": "array", "items": {"type": "integer"}},
         "limits": {"type": "object"},

@@ -17,8 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from compress.runtime.binding import BoundRunner
+
 from .inputs import InputLayout, Preprocessing
-from .settings import ConfigError
+from .settings import ConfigError, Settings
 from .voting import softmax
 
 logger = logging.getLogger("serve")
@@ -87,19 +89,51 @@ def check_classes(cards: Sequence[ModelCard]) -> tuple[str, ...]:
     return first.classes
 
 
-def create_session(path: Path, provider: str, *, threads: int = 0) -> tuple[Any, str]:
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How a worker runs its models (from ``serve.settings``; see there for each option)."""
+
+    provider: str = "auto"
+    precision: str = "fp32"
+    threads: int = 0                 # intra-op threads on CPU (0: ORT's choice)
+    model_threads: int = 1           # model calls in flight at once
+    sessions: str = "shared"         # or "per-thread"
+    batch_shapes: str = "auto"       # buckets on CUDA, exact on CPU
+    max_batch_size: int = 64
+    cuda_options: dict[str, str] = field(default_factory=lambda: {"cudnn_conv_algo_search": "HEURISTIC"})
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RuntimeOptions:
+        return cls(settings.provider, settings.precision, settings.threads, settings.model_threads, settings.sessions,
+                   settings.batch_shapes, settings.max_batch_size, settings.cuda_options())
+
+    def shapes_on(self, provider: str) -> str:
+        if self.batch_shapes != "auto":
+            return self.batch_shapes
+        return "buckets" if provider == "cuda" else "exact"
+
+    def describe(self, provider: str) -> dict[str, Any]:
+        """What /metadata says about how the models run."""
+        return {"model_threads": self.model_threads, "sessions": self.sessions,
+                "batch_shapes": self.shapes_on(provider), "intra_op_threads": self.threads or None,
+                "cuda_options": dict(self.cuda_options) if provider == "cuda" else None}
+
+
+def create_session(path: Path, options: RuntimeOptions) -> tuple[Any, str]:
     """An ONNX Runtime session (through the shared runtime layer) and the provider it really
     runs on. Idle threads do not spin: the event loop that parses and decodes requests needs
     the same cores between model calls. A provider that cannot run becomes a ConfigError."""
     from compress.runtime.sessions import ProviderUnavailable, SessionSettings
     from compress.runtime.sessions import create_session as runtime_session
 
+    settings = SessionSettings(options.provider, threads=options.threads or None, spinning=False,
+                               cuda_options=dict(options.cuda_options))
     try:
-        session, in_use = runtime_session(path, SessionSettings(provider, threads=threads or None, spinning=False))
+        session, in_use = runtime_session(path, settings)
     except ProviderUnavailable as exc:
         raise ConfigError(f"SERVE_PROVIDER=cuda but {exc}; use SERVE_PROVIDER=auto to allow CPU, or install "
                           f"onnxruntime-gpu with its CUDA libraries on a GPU machine") from None
-    if provider == "auto" and in_use != "cuda":
+    if options.provider == "auto" and in_use != "cuda":
         logger.warning("CUDA execution provider unavailable for %s (no GPU or CUDA/cuDNN libraries missing): "
                        "serving on CPU", path)
     return session, in_use
@@ -107,58 +141,76 @@ def create_session(path: Path, provider: str, *, threads: int = 0) -> tuple[Any,
 
 @dataclass
 class Member:
-    """One model of the service with its session."""
+    """One model of the service: its session(s) and one IO-bound runner per model thread
+    (``slot``). With ``sessions=shared`` every runner uses the same session (ONNX Runtime
+    sessions are thread-safe; the bindings are not, hence a runner each)."""
 
     card: ModelCard
-    session: Any
+    runners: list[BoundRunner]
     provider: str
-    input_name: str
-    output_name: str
-    input_dtype: np.dtype
     precision: str = "fp32"
 
     @classmethod
-    def load(cls, card: ModelCard, *, provider: str, precision: str = "fp32", threads: int = 0) -> Member:
-        session, in_use = create_session(card.file(precision), provider, threads=threads)
-        model_input = session.get_inputs()[0]
-        dtype = np.dtype(np.float16) if model_input.type == "tensor(float16)" else np.dtype(np.float32)
-        output = card.metadata.get("output_name") or session.get_outputs()[0].name
-        return cls(card, session, in_use, model_input.name, output, dtype, precision)
+    def load(cls, card: ModelCard, options: RuntimeOptions) -> Member:
+        path = card.file(options.precision)
+        session, in_use = create_session(path, options)
+        sessions = [session]
+        if options.sessions == "per-thread":
+            sessions += [create_session(path, options)[0] for _ in range(options.model_threads - 1)]
+        shapes = options.shapes_on(in_use)
+        runners = [BoundRunner(sessions[slot % len(sessions)], device=in_use, max_batch_size=options.max_batch_size,
+                               shapes=shapes) for slot in range(options.model_threads)]
+        return cls(card, runners, in_use, options.precision)
 
-    def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        """(N, 3, S, S) float32 -> (N, C) float32 probabilities."""
-        logits = self.session.run([self.output_name], {self.input_name: batch.astype(self.input_dtype, copy=False)})[0]
-        return softmax(logits.astype(np.float32, copy=False))
+    def probabilities(self, batch: np.ndarray, slot: int = 0) -> np.ndarray:
+        """(N, 3, S, S) float32 -> (N, C) float32 probabilities, on model thread ``slot``."""
+        return softmax(self.runners[slot].run(batch))
 
 
 class Ensemble:
     """All members behind one predict call: packed rows in, (N, M, C) probabilities out."""
 
-    def __init__(self, members: Sequence[Member]) -> None:
+    def __init__(self, members: Sequence[Member], options: RuntimeOptions = RuntimeOptions()) -> None:
         self.members = list(members)
+        self.options = options
         self.classes = check_classes([m.card for m in self.members])
         self.layout = InputLayout([m.card.preprocessing for m in self.members])
 
     @classmethod
-    def load(cls, tags: Sequence[str], *, provider: str, precision: str = "fp32", threads: int = 0) -> Ensemble:
+    def load(cls, tags: Sequence[str], options: RuntimeOptions) -> Ensemble:
         cards = [load_card(tag) for tag in tags]
         check_classes(cards)  # before paying for sessions
-        return cls([Member.load(card, provider=provider, precision=precision, threads=threads) for card in cards])
+        return cls([Member.load(card, options) for card in cards], options)
 
-    def predict(self, rows: np.ndarray) -> np.ndarray:
+    def predict(self, rows: np.ndarray, slot: int = 0) -> np.ndarray:
+        """Packed rows -> (N, M, C) probabilities, on model thread ``slot`` (0 .. model_threads - 1)."""
         out = np.empty((len(rows), len(self.members), len(self.classes)), dtype=np.float32)
         for index, member in enumerate(self.members):
-            out[:, index, :] = member.probabilities(self.layout.unpack(rows, index))
+            out[:, index, :] = member.probabilities(self.layout.unpack(rows, index), slot)
         return out
 
-    def warm_up(self, batch_sizes: Sequence[int]) -> None:
-        """Run every batch size once so that the first requests do not pay for lazy
-        initialisation (CUDA kernels and cuDNN algorithm choice are per input shape)."""
-        for size in batch_sizes:
-            self.predict(np.zeros((size, self.layout.width), dtype=np.float32))
+    def warm_up_sizes(self) -> list[int]:
+        """Every batch size the models will run (the union over members: buckets or all sizes)."""
+        return sorted({size for m in self.members for size in m.runners[0].warm_up_sizes()})
+
+    def warm_up(self) -> list[int]:
+        """Run every batch size the batcher can produce once on every model thread, so that no
+        request pays for lazy initialisation (buffers and bindings, CUDA kernels and cuDNN's
+        algorithm choice, all per input shape). On CPU one size suffices: nothing is per shape
+        there beyond ORT's own first-call setup. Returns the sizes run."""
+        on_gpu = any(m.provider == "cuda" for m in self.members)
+        sizes = self.warm_up_sizes() if on_gpu else [1]
+        for slot in range(self.options.model_threads):
+            for size in sizes:
+                self.predict(np.zeros((size, self.layout.width), dtype=np.float32), slot)
+        return sizes
 
     def providers(self) -> dict[str, str]:
         return {m.card.tag: m.provider for m in self.members}
 
     def precisions(self) -> dict[str, str]:
         return {m.card.tag: m.precision for m in self.members}
+
+    def runtime(self) -> dict[str, Any]:
+        provider = "cuda" if any(m.provider == "cuda" for m in self.members) else "cpu"
+        return self.options.describe(provider)

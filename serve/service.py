@@ -31,7 +31,7 @@ from serve import metrics, openapi
 from serve.batching import AdaptiveBatcher
 from serve.guard import BodyBudget, UploadGuard, UploadRule
 from serve.inputs import INLINE_DECODE_PIXELS, BadInput, decode_image, header_size
-from serve.runtime import Ensemble, check_classes, load_card
+from serve.runtime import Ensemble, RuntimeOptions, check_classes, load_card
 from serve.settings import ConfigError, Settings
 from serve.voting import prediction
 
@@ -116,11 +116,10 @@ class Classifier:
     def _load(self, settings: Settings) -> None:
         """Load and warm up the models (in the background, so that /livez answers meanwhile)."""
         try:
-            self.ensemble = Ensemble.load(_member_tags(settings), provider=settings.provider,
-                                          precision=settings.precision, threads=settings.threads)
-            on_gpu = any(p == "cuda" for p in self.ensemble.providers().values())
-            self.ensemble.warm_up([1] if not on_gpu else sorted({min(2 ** i, settings.max_batch_size) for i in range(8)}))
-            self.batcher = AdaptiveBatcher(self._predict, max_batch_size=settings.max_batch_size)
+            self.ensemble = Ensemble.load(_member_tags(settings), RuntimeOptions.from_settings(settings))
+            self.warmed_sizes = self.ensemble.warm_up()
+            self.batcher = AdaptiveBatcher(self._predict, max_batch_size=settings.max_batch_size,
+                                           slots=settings.model_threads)
             self.cards = [member.card for member in self.ensemble.members]
             self.classes = list(self.ensemble.classes)
             self.layout = self.ensemble.layout
@@ -142,10 +141,10 @@ class Classifier:
     async def __is_alive__(self) -> bool:
         return self.load_error is None
 
-    def _predict(self, rows: np.ndarray) -> np.ndarray:
-        """One model call (on the batcher's thread), timed for /metrics."""
+    def _predict(self, rows: np.ndarray, slot: int) -> np.ndarray:
+        """One model call (on the batcher's model thread ``slot``), timed for /metrics."""
         with metrics.Stopwatch() as watch:
-            probs = self.ensemble.predict(rows)
+            probs = self.ensemble.predict(rows, slot)
         self.metrics.observe_model_call(len(rows), watch.seconds)
         return probs
 
@@ -220,6 +219,7 @@ class Classifier:
             "voting": self.settings.voting if len(self.cards) > 1 else None,
             "providers": self.ensemble.providers(),
             "precisions": self.ensemble.precisions(),
+            "runtime": {**self.ensemble.runtime(), "warmed_batch_sizes": self.warmed_sizes},
             "onnxruntime": ort.__version__,
             "input_sizes": sorted({card.preprocessing.input_size for card in self.cards}),
             "limits": {"max_bytes": self.settings.max_bytes, "max_pixels": self.settings.max_pixels,

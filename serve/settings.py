@@ -21,6 +21,17 @@ in a built Bento and in its container (``docker run -e SERVE_MODELS=...``):
 - ``SERVE_TOP_K``: entries in ``top_k`` (default 5, at most the number of classes).
 - ``SERVE_MAX_BATCH_SIZE``: most rows in one model call of the adaptive batcher (default 64).
 - ``SERVE_WORKERS``: worker processes (default 1), each with its own sessions and batcher.
+- ``SERVE_MODEL_THREADS``: model calls one worker runs at the same time (default 1): on a GPU,
+  a second call can copy its batch while the first computes.
+- ``SERVE_SESSIONS``: ``shared`` (default: one ONNX Runtime session per model, used by every
+  model thread) or ``per-thread`` (a session per model thread: on CUDA its own stream).
+- ``SERVE_BATCH_SHAPES``: ``auto`` (default: ``buckets`` on CUDA, ``exact`` on CPU), ``buckets``
+  (batches padded to 1, 2, 4, ... ``SERVE_MAX_BATCH_SIZE`` rows; device buffers and IO binding
+  made once per size) or ``exact`` (every size as it comes, all of them warmed up at start).
+- ``SERVE_CUDNN_ALGO_SEARCH``: cuDNN convolution algorithm search on CUDA, ``heuristic``
+  (default), ``exhaustive`` or ``default`` (see the README for what was measured).
+- ``SERVE_CUDNN_MAX_WORKSPACE``: ``on`` (ONNX Runtime's default) or ``off``: whether cuDNN may
+  use its largest workspace to pick faster convolution algorithms.
 - ``SERVE_ACCESS_LOG``: ``off`` (default) or ``on``: one log line per request of the HTTP front
   (measured here: the line costs about a fifth of the CPU throughput; /metrics counts requests anyway).
 """
@@ -33,6 +44,10 @@ from dataclasses import dataclass
 VOTING = ("soft", "hard")
 PROVIDERS = ("auto", "cuda", "cpu")
 PRECISIONS = ("fp32", "fp16", "int8")
+SESSIONS = ("shared", "per-thread")
+BATCH_SHAPES = ("auto", "buckets", "exact")
+CUDNN_ALGO_SEARCH = ("heuristic", "exhaustive", "default")
+SWITCH = ("on", "off", "1", "0", "true", "false")
 
 
 class ConfigError(RuntimeError):
@@ -72,6 +87,15 @@ def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def _switch(env: Mapping[str, str], name: str, *, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw not in SWITCH:
+        raise ConfigError(f"{name}={raw!r} must be on or off")
+    return raw in ("on", "1", "true")
+
+
 def parse_models(text: str) -> tuple[str, ...]:
     """``"a:1, b"`` -> ``("a:1", "b")``; a tag listed twice is an error (it would vote twice)."""
     tags = tuple(part.strip() for part in text.split(",") if part.strip())
@@ -99,6 +123,11 @@ class Settings:
     top_k: int = 5
     max_batch_size: int = 64
     workers: int = 1
+    model_threads: int = 1
+    sessions: str = "shared"
+    batch_shapes: str = "auto"
+    cudnn_algo_search: str = "heuristic"
+    cudnn_max_workspace: bool = True
     access_log: bool = False
 
     @classmethod
@@ -119,8 +148,18 @@ class Settings:
             top_k=_int(env, "SERVE_TOP_K", cls.top_k),
             max_batch_size=_int(env, "SERVE_MAX_BATCH_SIZE", cls.max_batch_size),
             workers=_int(env, "SERVE_WORKERS", cls.workers),
-            access_log=_choice(env, "SERVE_ACCESS_LOG", ("off", "on", "0", "1", "false", "true")) in ("on", "1", "true"),
+            model_threads=_int(env, "SERVE_MODEL_THREADS", cls.model_threads),
+            sessions=_choice(env, "SERVE_SESSIONS", SESSIONS),
+            batch_shapes=_choice(env, "SERVE_BATCH_SHAPES", BATCH_SHAPES),
+            cudnn_algo_search=_choice(env, "SERVE_CUDNN_ALGO_SEARCH", CUDNN_ALGO_SEARCH),
+            cudnn_max_workspace=_switch(env, "SERVE_CUDNN_MAX_WORKSPACE", default=True),
+            access_log=_switch(env, "SERVE_ACCESS_LOG", default=False),
         )
+
+    def cuda_options(self) -> dict[str, str]:
+        """ONNX Runtime CUDA provider options from the cuDNN settings."""
+        return {"cudnn_conv_algo_search": self.cudnn_algo_search.upper(),
+                "cudnn_conv_use_max_workspace": "1" if self.cudnn_max_workspace else "0"}
 
     def require_models(self) -> tuple[str, ...]:
         if not self.models:

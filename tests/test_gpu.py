@@ -37,6 +37,30 @@ def test_ort_cuda_with_io_binding_matches_cpu_logits_and_fp16_agrees(tiny_run: P
     assert (half.argmax(1) == cpu.argmax(1)).mean() >= 0.9
 
 
+def test_service_io_binding_on_cuda_matches_cpu_for_buckets_and_exact(tiny_run: Path, tmp_path: Path) -> None:
+    """The service's data path (compress/runtime/binding.py) on the CUDA provider: device buffers
+    made once, a batch copied in, outputs bound; fp32 and an fp16 export (float16 input)."""
+    import torch  # noqa: F401
+
+    from compress.export import export_fp16
+    from compress.runtime.binding import BoundRunner
+    from compress.runtime.sessions import SessionSettings, create_session
+
+    path = tiny_run / "steps" / "step_01" / "model.onnx"
+    export_fp16(path, tmp_path / "model_fp16.onnx")
+    rng = np.random.default_rng(0)
+    cpu_session, _ = create_session(path, SessionSettings("cpu"))
+    for model, tolerance in ((path, 1e-3), (tmp_path / "model_fp16.onnx", 5e-2)):
+        session, provider = create_session(model, SessionSettings("cuda"))
+        assert provider == "cuda"
+        runners = [BoundRunner(session, device="cuda", max_batch_size=8, shapes=s) for s in ("buckets", "exact")]
+        for rows in (1, 3, 8, 5):
+            batch = rng.normal(size=(rows, 3, 16, 16)).astype(np.float32)
+            expected = cpu_session.run(None, {cpu_session.get_inputs()[0].name: batch})[0]
+            for runner in runners:
+                np.testing.assert_allclose(runner.run(batch), expected, atol=tolerance, rtol=tolerance)
+
+
 def test_amp_channels_last_device_data_finetuning_lowers_the_loss(tiny_data: Path, tmp_path: Path) -> None:
     from compress.cli import main
 

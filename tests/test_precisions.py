@@ -93,14 +93,14 @@ def test_bench_models_measures_every_variant_against_step0_fp32(int8_run: Path) 
 
 def test_register_stores_every_variant_and_the_service_loads_int8(int8_run: Path, tmp_path: Path) -> None:
     from compress.registry import model_store, register
-    from serve.runtime import Member, card_from_model
+    from serve.runtime import Member, RuntimeOptions, card_from_model
 
     tag = register(int8_run, step=1, name="q", bentoml_home=tmp_path / "home")
     model = model_store(tmp_path / "home").get(tag)
     assert model.info.metadata["files"] == {"fp32": "model.onnx", "int8": "model_int8.onnx"}
     assert model.info.metadata["variants"]["int8"]["format"] == "qdq-u8s8"
     card = card_from_model(model)
-    int8, fp32 = (Member.load(card, provider="cpu", precision=p) for p in ("int8", "fp32"))
+    int8, fp32 = (Member.load(card, RuntimeOptions("cpu", precision=p)) for p in ("int8", "fp32"))
     assert (int8.precision, int8.provider) == ("int8", "cpu")
     batch = np.random.default_rng(0).normal(size=(4, 3, 16, 16)).astype(np.float32)
     assert int8.probabilities(batch).shape == fp32.probabilities(batch).shape == (4, 3)
@@ -186,7 +186,7 @@ def test_precision_lists_and_stratified_calibration() -> None:
 
 
 def test_runtime_layer_is_torch_free_and_packages_have_no_cycles() -> None:
-    code = ("import sys, compress.runtime.sessions, compress.runtime.timing, compress.runtime.machine, "
+    code = ("import sys, compress.runtime.sessions, compress.runtime.timing, compress.runtime.machine, compress.runtime.binding, "
             "compress.runtime.precisions, serve.runtime, serve.settings, serve.inputs, serve.batching; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)

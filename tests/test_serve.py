@@ -162,7 +162,11 @@ def servers(store: Store, server_factory: Any) -> dict[str, Server]:
     two-member ensemble with soft and with hard voting."""
     pending = {"single": server_factory(SERVE_MODELS=store.step1),
                "soft": server_factory(SERVE_MODELS=f"{store.step0},{store.step1}", SERVE_VOTING="soft"),
-               "hard": server_factory(SERVE_MODELS=f"tiny-s0, {store.step1}", SERVE_VOTING="hard")}
+               # two model threads with a session each, batches padded to fixed sizes: the GPU data
+               # path's options, run here on the CPU provider
+               "hard": server_factory(SERVE_MODELS=f"tiny-s0, {store.step1}", SERVE_VOTING="hard",
+                                      SERVE_MODEL_THREADS="2", SERVE_SESSIONS="per-thread",
+                                      SERVE_BATCH_SHAPES="buckets", SERVE_MAX_BATCH_SIZE="6")}
     return {name: server.wait_ready() for name, server in pending.items()}
 
 
@@ -357,6 +361,8 @@ def test_health_metrics_and_metadata(single: Server, store: Store) -> None:
         # SERVE_PROVIDER=auto: CUDA where it runs, else the CPU fallback
         assert info["providers"] == {store.step1: "cuda" if cuda_available() else "cpu"}
         assert info["precisions"] == {store.step1: "fp32"}
+        assert info["runtime"]["model_threads"] == 1 and info["runtime"]["sessions"] == "shared"
+        assert info["runtime"]["batch_shapes"] == ("buckets" if cuda_available() else "exact")
         (model,) = info["models"]
         assert model["tag"] == store.step1 and model["step"] == 1 and 0 <= model["accuracy"] <= 1
         assert model["macs"] > 0 and model["params"] > 0 and model["latency"]["ort_cpu_b1_p50_ms"] > 0
@@ -396,6 +402,14 @@ def test_ensemble_votes_match_direct_onnxruntime(servers: dict[str, Server], sto
     meta = httpx.get(f"{server.url}/metadata").json()
     assert meta["voting"] == voting and [m["tag"] for m in meta["models"]] == [store.step0, store.step1]
     assert set(meta["providers"].values()) == {"cuda" if cuda_available() else "cpu"}
+    if voting == "hard":
+        runtime = meta["runtime"]
+        assert (runtime["model_threads"], runtime["sessions"], runtime["batch_shapes"]) == (2, "per-thread", "buckets")
+        expected = [classify(server, data).json()["label"] for data in images]
+        with ThreadPoolExecutor(8) as pool:  # concurrent: batches of up to 6 rows on both model threads
+            answers = list(pool.map(lambda data: classify(server, data), images * 3))
+        assert [a.status_code for a in answers] == [200] * len(answers)
+        assert [a.json()["label"] for a in answers] == expected * 3
 
 
 def _serve_until_exit(store: Store, tmp_path: Path, **env: str) -> tuple[int, str]:
@@ -464,7 +478,8 @@ def test_adaptive_batcher_merges_requests_that_wait_and_returns_each_its_rows() 
     calls: list[int] = []
     release = threading.Event()
 
-    def predict(rows: np.ndarray) -> np.ndarray:
+    def predict(rows: np.ndarray, slot: int) -> np.ndarray:
+        assert slot == 0
         calls.append(len(rows))
         if len(calls) == 1:
             release.wait(5)  # the first call holds the model while the others queue
@@ -495,7 +510,7 @@ def test_adaptive_batcher_splits_large_requests_and_survives_a_failing_call() ->
 
     sizes: list[int] = []
 
-    def predict(rows: np.ndarray) -> np.ndarray:
+    def predict(rows: np.ndarray, slot: int) -> np.ndarray:
         sizes.append(len(rows))
         if np.isnan(rows).any():
             raise RuntimeError("model failed")
@@ -612,17 +627,17 @@ def test_settings_from_env() -> None:
 
 
 def test_session_provider_choice(store: Store) -> None:
-    from serve.runtime import create_session
+    from serve.runtime import RuntimeOptions, create_session
     from serve.settings import ConfigError
 
     path = next((store.run / "steps").glob("step_01/model.onnx"))
-    session, provider = create_session(path, "cpu")
+    session, provider = create_session(path, RuntimeOptions("cpu"))
     assert provider == "cpu" and session.get_providers() == ["CPUExecutionProvider"]
     if _has_cuda_driver():
         pytest.skip("a GPU driver is present: the fallback paths are not reachable here")
-    assert create_session(path, "auto")[1] == "cpu"
+    assert create_session(path, RuntimeOptions("auto"))[1] == "cpu"
     with pytest.raises(ConfigError, match="SERVE_PROVIDER=cuda"):
-        create_session(path, "cuda")
+        create_session(path, RuntimeOptions("cuda"))
 
 
 def _has_cuda_driver() -> bool:
@@ -634,7 +649,7 @@ def _has_cuda_driver() -> bool:
 def test_fp16_precision_serves_the_fp16_export(store: Store, tmp_path: Path) -> None:
     from compress.export import export_fp16
     from compress.registry import model_store, register
-    from serve.runtime import Member, card_from_model
+    from serve.runtime import Member, RuntimeOptions, card_from_model
     from serve.settings import ConfigError
 
     run = tmp_path / "run"
@@ -646,12 +661,12 @@ def test_fp16_precision_serves_the_fp16_export(store: Store, tmp_path: Path) -> 
     (run / "manifest.json").write_text(json.dumps(manifest))
     tag = register(run, step=1, name="half", bentoml_home=tmp_path / "home")
     card = card_from_model(model_store(tmp_path / "home").get(tag))
-    fp32, fp16 = (Member.load(card, provider="cpu", precision=p) for p in ("fp32", "fp16"))
+    fp32, fp16 = (Member.load(card, RuntimeOptions("cpu", precision=p)) for p in ("fp32", "fp16"))
     batch = np.random.default_rng(0).normal(size=(4, 3, 16, 16)).astype(np.float32)
     np.testing.assert_allclose(fp16.probabilities(batch), fp32.probabilities(batch), atol=2e-2)
     only_fp32 = card_from_model(model_store(store.home).get(store.step1))
     with pytest.raises(ConfigError, match="no fp16 export"):
-        Member.load(only_fp32, provider="cpu", precision="fp16")
+        Member.load(only_fp32, RuntimeOptions("cpu", precision="fp16"))
 
 
 def test_bench_serve_baseline_reports_the_fraction_and_server_cpu(single: Server, store: Store, tmp_path: Path) -> None:
