@@ -105,7 +105,10 @@ class Context:
 
     @property
     def data_dir(self) -> Path:
-        return Path(self.state["data_dir"])
+        """The image folder in use: recorded relative to the work folder when it lies there
+        (unpacked or subset), so the state stays right if the checkout moves."""
+        recorded = Path(self.state["data_dir"])
+        return recorded if recorded.is_absolute() else self.work / recorded
 
     def save(self) -> None:
         save_state(self.out, self.state)
@@ -291,7 +294,10 @@ def run_campaign(parts: Sequence[Part], *, out: Path, work: Path, data: str, smo
                  write_readme: Callable[[Context, Sequence[Part]], None] | None = None) -> int:
     """Run the next parts within ``max_minutes``; returns the exit code (0, or 1 when a part failed)."""
     started = time.monotonic()
-    deadline = started + max_minutes * 60
+    # commands stop this much before --max-minutes, so that a graceful stop (SIGINT, then SIGTERM,
+    # each given the grace period) and the last writes still end within it
+    reserve = min(2 * settings["grace_seconds"] + 10, 0.25 * max_minutes * 60)
+    deadline = started + max_minutes * 60 - reserve
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     state = open_state(out, work, smoke, data)

@@ -38,18 +38,23 @@ GPU = {
               "--optimizer", "sgd", "--sgd-lr", "0.2", "--weight-decay", "5e-4", "--label-smoothing", "0.1",
               "--patience", "0", "--aug-rotation", "0", "--aug-color-jitter", "0", "--aug-scale-min", "0.6",
               "--seed", "0"],
+    "inspect_data": True,  # `compress data --json` on the data set
+    # step 0: `compress run --prune-steps 0` (export + closing report), then a batch sweep on the latency backend
+    "baseline_command": "run",
+    "sweep": ["--backends", "ort-cuda", "--batch-sizes", "1,8,64,256,1024,2048,4096,8192", "--no-accuracy",
+              "--max-seconds", "2", "--rounds", "5"],
     "sweep_backend": "ort-cuda",
-    "sweep_batches": "1,8,64,256,1024,2048,4096,8192",
+    "fixed_latency_batch": None,
     "saturation": 0.9,  # saturating batch: the smallest reaching 90% of the best throughput
     "prune": ["--target-speedup", "3.0", "--distill-weight", "0.5", "--distill-temperature", "4",
               "--precisions", "fp32,fp16", "--prune-steps", "3", "--target-macs", "0.2", "--retrain-epochs", "5",
               "--retrain-lr", "0.02", "--scope", "global", "--round-to", "8"],
     "latency_backend": "ort-cuda",
     "accuracy_tolerance": 0.005,  # the chosen step: largest measured speed-up within 0.5 point of step 0
-    "bench_gpu": ["--backends", "ort-cuda,torch-cuda", "--batch-sizes", "1,8,64,256,1024,4096,8192",
-                  "--no-accuracy", "--max-seconds", "2", "--rounds", "10"],
-    "bench_cpu": ["--backends", "ort-cpu", "--batch-sizes", "1,8,64,256", "--no-accuracy", "--max-seconds", "3",
-                  "--rounds", "10"],
+    "bench": {"gpu": ["--backends", "ort-cuda,torch-cuda", "--batch-sizes", "1,8,64,256,1024,4096,8192",
+                      "--no-accuracy", "--max-seconds", "2", "--rounds", "10"],
+              "cpu": ["--backends", "ort-cpu", "--batch-sizes", "1,8,64,256", "--no-accuracy", "--max-seconds", "3",
+                      "--rounds", "10"]},
     "published_retrain_epochs": {"li": 8, "tp": 6},
     "ensemble": ["--provider", "cuda", "--max-seconds", "4"],
     "ensemble_batches": [1, 256],
@@ -75,15 +80,17 @@ SMOKE = {
     "train": ["--weights", "none", "--device", "cpu", "--data-on-device", "on", "--batch-size", "32",
               "--optimizer", "sgd", "--patience", "0", "--workers", "0", "--seed", "0"],
     "subset": {"train": 6, "test": 3},  # images per class taken from --data
+    "inspect_data": False,
+    # fewer processes (each one imports torch: ~5 s here): step 0 alone, pruning steered at a fixed batch
+    "baseline_command": "finetune",
+    "sweep": None,
     "sweep_backend": "ort-cpu",
-    "sweep_batches": "1,8",
+    "fixed_latency_batch": 8,
     "prune": ["--target-speedup", "3.0", "--distill-weight", "0.5", "--precisions", "fp32,fp16", "--prune-steps", "1",
               "--target-macs", "0.5", "--retrain-epochs", "1", "--scope", "global", "--round-to", "8"],
     "latency_backend": "ort-cpu",
-    "bench_gpu": ["--backends", "torch-cpu", "--batch-sizes", "1,4", "--no-accuracy", "--max-seconds", "0.3",
-                  "--rounds", "2", "--warmup", "1", "--min-seconds", "0"],
-    "bench_cpu": ["--backends", "ort-cpu", "--batch-sizes", "1,4", "--no-accuracy", "--max-seconds", "0.3",
-                  "--rounds", "2", "--warmup", "1", "--min-seconds", "0"],
+    "bench": {"all": ["--backends", "ort-cpu,torch-cpu", "--batch-sizes", "1,4", "--no-accuracy", "--max-seconds",
+                      "0.3", "--rounds", "2", "--warmup", "1", "--min-seconds", "0"]},
     "published_retrain_epochs": {"li": 1, "tp": 1},
     "ensemble": ["--provider", "cpu", "--max-seconds", "0.3"],
     "ensemble_batches": [1, 4],
@@ -92,9 +99,8 @@ SMOKE = {
               "batch": ["--concurrency", "2", "--requests", "4", "--duration", "3"],
               "files_per_request": 4, "baseline_batches": "4", "images": 12, "command_timeout": 120},
     # not the whole suite (the smoke runs inside it): the GPU tests (skipped without CUDA) and two fast ones
-    "tests": [["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_bench.py", "-k",
-               "summarize_percentiles or check_target"],
-              ["-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/test_gpu.py"]],
+    "tests": [["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py", "tests/test_bench.py", "-k",
+               "gpu or cuda or summarize_percentiles or check_target"]],
     "tests_timeout": 120,
     "grace_seconds": 10,
     "min_resumable_seconds": 5,
@@ -268,8 +274,10 @@ def generate_images(target: Path, per_class: dict[str, int]) -> None:
 
 def part_data(ctx: Context) -> dict[str, Any]:
     folder = resolve_data(ctx)
-    ctx.state["data_dir"] = str(folder)
-    ctx.run("inspect", ctx.python("-m", "compress", "data", str(folder), "--json"))
+    inside = ctx.work.resolve() in folder.resolve().parents
+    ctx.state["data_dir"] = str(folder.resolve().relative_to(ctx.work.resolve()) if inside else folder.resolve())
+    if ctx.settings["inspect_data"]:
+        ctx.run("inspect", ctx.python("-m", "compress", "data", str(folder), "--json"))
     counts = {split: sum(1 for p in (folder / split).rglob("*") if p.is_file()) for split in ("train", "test")
               if (folder / split).is_dir()}
     summary = {"data_dir": str(folder), "images": counts,
@@ -281,7 +289,7 @@ def part_data(ctx: Context) -> dict[str, Any]:
 
 
 def data_outputs(ctx: Context) -> list[Path]:
-    return [Path(ctx.state["data_dir"])] if ctx.state.get("data_dir") else [ctx.work / "data"]
+    return [ctx.data_dir] if ctx.state.get("data_dir") else [ctx.work / "data"]
 
 
 # --- part 1: baselines -------------------------------------------------------------------------
@@ -292,19 +300,20 @@ def part_baselines(ctx: Context) -> dict[str, Any]:
     out: dict[str, Any] = {"models": {}}
     for role, spec in model_specs(ctx).items():
         folder = run_dir(ctx, f"{spec['name']}-base")
-        ctx.run(f"{role}-train", ctx.python("-m", "compress", "run", "--data", str(ctx.data_dir), "--out", str(folder),
+        command = ctx.settings["baseline_command"]
+        ctx.run(f"{role}-train", ctx.python("-m", "compress", command, "--data", str(ctx.data_dir), "--out", str(folder),
                                             *spec["args"], *ctx.settings["train"], "--epochs", str(spec["epochs"]),
-                                            "--prune-steps", "0"))
-        sweep_dir = ctx.part_out / f"{spec['name']}-sweep"
-        ctx.run(f"{role}-sweep", ctx.python("-m", "bench", "models", str(folder), "--backends", ctx.settings["sweep_backend"],
-                                            "--batch-sizes", ctx.settings["sweep_batches"], "--no-accuracy",
-                                            "--max-seconds", "1" if ctx.smoke else "2", "--rounds", "5",
-                                            "--out", str(sweep_dir)))
+                                            *(["--prune-steps", "0"] if command == "run" else [])))
+        sat = None
+        if ctx.settings["sweep"]:
+            sweep_dir = ctx.part_out / f"{spec['name']}-sweep"
+            ctx.run(f"{role}-sweep", ctx.python("-m", "bench", "models", str(folder), *ctx.settings["sweep"],
+                                                "--out", str(sweep_dir)))
+            sat = saturation(read_json(sweep_dir / "results.json"), ctx.settings["sweep_backend"],
+                             fraction=ctx.settings["saturation"])
         manifest = read_json(folder / "manifest.json")
         stage = manifest["stages"].get("finetune", {})
         history = stage.get("history") or []
-        sat = saturation(read_json(sweep_dir / "results.json"), ctx.settings["sweep_backend"],
-                         fraction=ctx.settings["saturation"])
         out["models"][role] = {
             "name": spec["name"], "stands_for": spec.get("stands_for"), "run_dir": str(folder),
             "accuracy": step_entry(manifest, 0)["accuracy"], "goal": spec["goal"],
@@ -316,7 +325,8 @@ def part_baselines(ctx: Context) -> dict[str, Any]:
             "saturation": sat}
     models = out["models"]
     out["line"] = "; ".join(f"{m['name']} top-1 {m['accuracy']:.4f} ({m['epochs']} epochs), saturating batch "
-                            f"{m['saturation']['saturating_batch'] if m['saturation'] else '?'}" for m in models.values())
+                            f"{m['saturation']['saturating_batch'] if m['saturation'] else 'not swept'}"
+                            for m in models.values())
     rows = ["| model | epochs | top-1 | goal | train s | images/s (last epoch) | MACs | saturating batch on "
             f"{ctx.settings['sweep_backend']} (90% of best) | best images/s |", "|---|---|---|---|---|---|---|---|---|"]
     for m in models.values():
@@ -326,8 +336,9 @@ def part_baselines(ctx: Context) -> dict[str, Any]:
                     f"({'reached' if m['goal_reached'] else 'not reached'}) | {m['train_seconds']} | "
                     f"{f'{ips[-1]:.0f}' if ips else '-'} | {m['macs'] / 1e6:.1f} M | {sat.get('saturating_batch', '-')} | "
                     f"{sat.get('peak_images_per_s', 0):.0f} |")
-    write_part_files(ctx, out, ["Fine-tuned from scratch with the images held on the training device, then step 0 "
-                                "swept over batch sizes (`*-sweep/`: report.md, throughput.png).", "", *rows])
+    swept = ("then step 0 swept over batch sizes (`*-sweep/`: report.md, throughput.png)." if ctx.settings["sweep"]
+             else f"not swept (smoke): pruning steers at batch {ctx.settings['fixed_latency_batch']}.")
+    write_part_files(ctx, out, ["Fine-tuned from scratch with the images held on the training device; " + swept, "", *rows])
     return out
 
 
@@ -341,7 +352,7 @@ def part_prune(ctx: Context) -> dict[str, Any]:
     out: dict[str, Any] = {"models": {}}
     for role, spec in model_specs(ctx).items():
         sat = base[role]["saturation"]
-        batch = sat["saturating_batch"] if sat else 256
+        batch = sat["saturating_batch"] if sat else ctx.settings["fixed_latency_batch"] or 256
         source = run_dir(ctx, f"{spec['name']}-base") / "steps" / "step_00" / "model.pt"
         folder = run_dir(ctx, f"{spec['name']}-pruned")
         ctx.run(f"{role}-open", ctx.python("-m", "compress", "finetune", "--data", str(ctx.data_dir), "--out", str(folder),
@@ -389,20 +400,18 @@ def part_bench_models(ctx: Context) -> dict[str, Any]:
         folder = run_dir(ctx, f"{spec['name']}-pruned")
         chosen = pruned[role]["chosen"]["step"]
         results = {}
-        for kind in ("gpu", "cpu"):
+        for kind, args in ctx.settings["bench"].items():
             target = ctx.part_out / f"{spec['name']}-{kind}"
-            ctx.run(f"{role}-{kind}", ctx.python("-m", "bench", "models", str(folder), *ctx.settings[f"bench_{kind}"],
-                                                 "--out", str(target)))
+            ctx.run(f"{role}-{kind}", ctx.python("-m", "bench", "models", str(folder), *args, "--out", str(target)))
             results[kind] = read_json(target / "results.json")
         rows = [r for doc in results.values() for r in doc["results"]]
-        backends = sorted({r["backend"] for r in rows})
         sats = {}
-        for backend in backends:
-            for step, precision in ((0, "fp32"), (chosen, "fp32"), (chosen, "fp16")):
-                doc = results["gpu"] if any(r["backend"] == backend for r in results["gpu"]["results"]) else results["cpu"]
-                found = saturation(doc, backend, step, precision, ctx.settings["saturation"])
-                if found:
-                    sats[f"{backend} step {step} {precision}"] = found
+        for doc in results.values():
+            for backend in sorted({r["backend"] for r in doc["results"]}):
+                for step, precision in ((0, "fp32"), (chosen, "fp32"), (chosen, "fp16")):
+                    found = saturation(doc, backend, step, precision, ctx.settings["saturation"])
+                    if found:
+                        sats[f"{backend} step {step} {precision}"] = found
 
         def speedup_at(backend: str, batch: int, precision: str) -> float | None:
             row = next((r for r in rows if r["backend"] == backend and r["step"] == chosen and r["precision"] == precision
@@ -484,12 +493,12 @@ def published_outputs(ctx: Context) -> list[Path]:
 def part_ensemble(ctx: Context) -> dict[str, Any]:
     pruned = ctx.summary_of("2-prune")["models"]
     specs = model_specs(ctx)
-    members = [f"{pruned['primary']['run_dir']}:{pruned['primary']['chosen']['step']}",
-               f"{pruned['deep']['run_dir']}:{pruned['deep']['chosen']['step']}"]
+    members = [f"{run_dir(ctx, specs[role]['name'] + '-pruned')}:{pruned[role]['chosen']['step']}"
+               for role in ("primary", "deep")]
     tp = run_dir(ctx, f"{specs['deep']['name']}-tp")
     tp_last = max(s["step"] for s in read_json(tp / "manifest.json")["steps"])
     members.append(f"{tp}:{tp_last}")
-    single = f"{run_dir(ctx, specs['primary']['name'] + '-base')}:0"
+    single = f"{run_dir(ctx, specs['primary']['name'] + '-pruned')}:0"  # step 0 there: the unpruned model, exported
     sat = (ctx.summary_of("1-baselines")["models"]["primary"].get("saturation") or {}).get("saturating_batch")
     batches = sorted({*ctx.settings["ensemble_batches"], *([sat] if sat else [])})
     ctx.run("ensemble", ctx.python("-m", "bench", "ensemble", *members, "--single", single, *ctx.settings["ensemble"],
@@ -609,8 +618,9 @@ def part_service(ctx: Context) -> dict[str, Any]:
     home = ctx.work / "bentoml"
     step = pruned["chosen"]["step"]
     name = f"campaign-{model_specs(ctx)['primary']['name']}"
+    source = run_dir(ctx, f"{name.removeprefix('campaign-')}-pruned")
     tag_file = ctx.work / "serve-tag.txt"
-    register = ctx.python("-m", "compress", "register", pruned["run_dir"], "--step", str(step), "--name", name)
+    register = ctx.python("-m", "compress", "register", str(source), "--step", str(step), "--name", name)
     if not tag_file.is_file():  # the store lives in the work folder: registered again on a fresh machine
         finished = ctx.part_state.setdefault("finished", [])
         if "register" in finished:
@@ -635,7 +645,7 @@ def part_service(ctx: Context) -> dict[str, Any]:
             seconds = service.wait_ready(settings["start_timeout"], ctx.remaining())
             ctx.echo(f"    ready in {seconds:.1f} s at {service.url}")
             ctx.part_state.setdefault("startup_seconds", {})[str(workers)] = round(seconds, 1)
-            common = ["--images", str(images), "--baseline", f"{pruned['run_dir']}:{step}",
+            common = ["--images", str(images), "--baseline", f"{source}:{step}",
                       "--baseline-provider", settings["provider"], "--baseline-batches", settings["baseline_batches"],
                       "--timeout", "30"]
             ctx.run(keys[0], ctx.python("-m", "bench", "serve", service.url, *common, *settings["classify"],
@@ -745,7 +755,7 @@ def parts() -> list[Part]:
              gpu_minutes=2.5, smoke_minutes=0.3, run=part_published, resumable=True, needs=("0-data", "1-baselines"),
              outputs=published_outputs),
         Part("5-ensemble", "3 pruned models voting against the unpruned resnet18",
-             gpu_minutes=1.0, smoke_minutes=0.1, run=part_ensemble, needs=("1-baselines", "2-prune", "4-published")),
+             gpu_minutes=1.0, smoke_minutes=0.1, run=part_ensemble, needs=("2-prune", "4-published")),
         Part("6-service", "bentoml serve on the GPU, workers 1/4/16, /classify and /classify_batch vs raw ORT",
              gpu_minutes=5.0, smoke_minutes=0.4, run=part_service, needs=("0-data", "2-prune")),
         Part("7-tests", "pytest (the whole suite) and pytest -m gpu",

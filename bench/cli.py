@@ -270,7 +270,7 @@ def campaign(
     work = work if work is not None else Path("runs") / "campaign" / out.resolve().name
     if work.resolve() == out.resolve() or out.resolve() in work.resolve().parents:
         raise UsageError("--work must not be inside --out: the results folder stays small")
-    data_text = str(data.resolve()) if data is not None else "generated"
+    data_text = str(data) if data is not None else "generated"  # as given: the checkout may sit elsewhere next time
     code = run_campaign(parts(), out=out.resolve(), work=work.resolve(), data=data_text, smoke=smoke,
                         max_minutes=max_minutes, settings=profile(smoke), retry_failed=retry_failed,
                         echo=lambda line: (typer.echo(line), sys.stdout.flush()), write_readme=write_readme)
