@@ -121,9 +121,15 @@ class Context:
         return [sys.executable, *args]
 
     def shown(self, argv: Sequence[str], env: dict[str, str] | None = None) -> str:
-        """The command as a user types it: ``python -m ...`` with the environment it needed."""
-        words = [Path(argv[0]).name if argv[0] == sys.executable else argv[0], *argv[1:]]
-        prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items())
+        """The command as a user types it in the repository root: ``python -m ...`` with the
+        environment it needed, paths inside the checkout relative to it."""
+        root = str(REPO) + os.sep
+
+        def local(word: str) -> str:
+            return word.replace(root, "") if root in word else word
+
+        words = [Path(argv[0]).name if argv[0] == sys.executable else argv[0], *map(local, argv[1:])]
+        prefix = " ".join(f"{k}={shlex.quote(local(v))}" for k, v in (env or {}).items())
         return (prefix + " " if prefix else "") + shlex.join(words)
 
     def record(self, text: str) -> None:

@@ -56,6 +56,7 @@ GPU = {
               "cpu": ["--backends", "ort-cpu", "--batch-sizes", "1,8,64,256", "--no-accuracy", "--max-seconds", "3",
                       "--rounds", "10"]},
     "published_retrain_epochs": {"li": 8, "tp": 6},
+    "published_steps": {"li": LI_ET_AL["steps"], "tp": TORCH_PRUNING["steps"]},
     "ensemble": ["--provider", "cuda", "--max-seconds", "4"],
     "ensemble_batches": [1, 256],
     "serve": {"provider": "cuda", "workers": [1, 4, 16], "start_timeout": 300, "max_batch_size": 256,
@@ -92,6 +93,7 @@ SMOKE = {
     "bench": {"all": ["--backends", "ort-cpu,torch-cpu", "--batch-sizes", "1,4", "--no-accuracy", "--max-seconds",
                       "0.3", "--rounds", "2", "--warmup", "1", "--min-seconds", "0"]},
     "published_retrain_epochs": {"li": 1, "tp": 1},
+    "published_steps": {"li": 1, "tp": 1},
     "ensemble": ["--provider", "cpu", "--max-seconds", "0.3"],
     "ensemble_batches": [1, 4],
     "serve": {"provider": "cpu", "workers": [1], "start_timeout": 120, "max_batch_size": 64,
@@ -456,7 +458,7 @@ def part_published(ctx: Context) -> dict[str, Any]:
     for key, ref in (("li", LI_ET_AL), ("tp", TORCH_PRUNING)):
         folder = run_dir(ctx, f"{spec['name']}-{key}")
         ctx.run(key, ctx.python("-m", "compress", "run", "--data", str(ctx.data_dir), "--out", str(folder), *spec["args"],
-                                *ctx.settings["train"], "--model", str(source), "--prune-steps", str(ref["steps"]),
+                                *ctx.settings["train"], "--model", str(source), "--prune-steps", str(ctx.settings["published_steps"][key]),
                                 "--target-macs", f"{ref['keep_macs']:.4f}", "--scope", ref["scope"],
                                 "--retrain-epochs", str(ctx.settings["published_retrain_epochs"][key]),
                                 "--distill-weight", "0.5", "--round-to", "8"))

@@ -64,7 +64,7 @@ def test_smoke_stops_at_the_deadline_and_the_next_call_finishes(cifar_like: Path
     for part in parts():
         summary = json.loads((out / part.name / "summary.json").read_text())
         assert summary["part"] == part.name and (out / part.name / "README.md").is_file()
-        assert state["parts"][part.name]["wall_seconds"] > 0
+        assert state["parts"][part.name]["wall_seconds"] >= 0
     # the exact commands, runnable with PYTHONPATH only
     assert "python -m compress prune" in (out / "2-prune" / "README.md").read_text()
     # /classify_batch with several images per request, against a real bentoml serve
