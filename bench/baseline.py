@@ -53,8 +53,10 @@ class ServerProcesses:
 
 
 def in_process_throughput(run_dir: Path, step: int | None, batches: list[int], *, seconds: float = 3.0,
-                          precision: str = "fp32") -> dict[str, Any]:
-    """Images/s of the run's step (default: the recommended one) in one CPU session per batch size."""
+                          precision: str = "fp32", provider: str = "cpu") -> dict[str, Any]:
+    """Images/s of the run's step (default: the recommended one) in one session, at each batch
+    size. ``provider`` ``cuda``: ONNX Runtime's CUDA provider with IO binding (the model's own
+    time, the raw throughput a GPU service is compared with); it must load, never CPU instead."""
     from compress.latency import batch_of, validation_arrays
     from compress.manifest import RunManifest
     from compress.registry import choose_step
@@ -68,8 +70,15 @@ def in_process_throughput(run_dir: Path, step: int | None, batches: list[int], *
     path = record.variant_path(run_dir, precision)
     if path is None or not path.is_file():
         raise UsageError(f"--baseline: step {step} of {run_dir} has no {precision} ONNX file")
-    settings = SessionSettings("cpu", spinning=False)
-    model = OrtModel(path, settings)
+    if provider == "cuda":
+        import torch  # noqa: F401  (the CUDA build of onnxruntime finds its libraries once torch is loaded)
+    from compress.runtime.sessions import ProviderUnavailable
+
+    settings = SessionSettings(provider, spinning=False)
+    try:
+        model = OrtModel(path, settings)
+    except ProviderUnavailable as exc:
+        raise UsageError(f"--baseline-provider {provider}: {exc}") from None
     images, _ = validation_arrays(raw, limit=max(batches))
     out: dict[str, Any] = {"run_dir": str(run_dir), "step": step, "precision": precision, "session": settings.describe(),
                            "batches": {}}
@@ -82,10 +91,14 @@ def in_process_throughput(run_dir: Path, step: int | None, batches: list[int], *
 
 
 def fractions(doc: dict[str, Any], baseline: dict[str, Any]) -> None:
-    """Each level's share of the in-process batch-1 throughput, written into its entry."""
+    """Each level's images/s as a share of the in-process batch-1 throughput, and of the best
+    in-process throughput over the batch sizes timed, written into its entry."""
     reference = baseline["batches"]["1"]["images_per_s"]
+    best = max(v["images_per_s"] for v in baseline["batches"].values())
     for level in doc["levels"]:
-        level["fraction_of_in_process_b1"] = level["ok_per_s"] / reference if reference else None
+        served = level.get("images_per_s", level["ok_per_s"])
+        level["fraction_of_in_process_b1"] = served / reference if reference else None
+        level["fraction_of_in_process_best"] = served / best if best else None
 
 
 def mean_batch_size(url: str) -> float | None:

@@ -1,4 +1,5 @@
-"""The ``bench`` command line (typer): ``bench models``, ``bench serve``, ``bench compare``.
+"""The ``bench`` command line (typer): ``bench models``, ``bench serve``, ``bench ensemble``,
+``bench campaign``, ``bench compare``.
 
 Exit codes as for ``compress`` (shared wrapper): 0 success, 2 bad usage or bad input (one
 line on stderr), 1 unexpected failure."""
@@ -141,6 +142,12 @@ def serve(
                                                          "Runtime CPU session, batch 1 and the service's mean batch) and "
                                                          "report the service's fraction of it and the server's CPU per "
                                                          "request (local services only).")] = None,
+    baseline_provider: Annotated[str, typer.Option(help="Where --baseline runs: cpu, or cuda (ONNX Runtime CUDA provider "
+                                                        "with IO binding: the raw GPU throughput).")] = "cpu",
+    baseline_batches: Annotated[Optional[str], typer.Option(help="Comma-separated extra batch sizes --baseline times "
+                                                                 "(besides 1 and the service's mean batch).")] = None,
+    files_per_request: Annotated[int, typer.Option(help="Files per request in --field (e.g. 32 for /classify_batch "
+                                                        "with --field images); images/s counts them all.")] = 1,
 ) -> None:
     """Closed-loop HTTP load test: latency percentiles, requests/s and errors by status code per concurrency."""
     from urllib.parse import urlsplit
@@ -148,8 +155,11 @@ def serve(
     from .load import check_target, is_loopback, load_images, run_sweep
 
     levels = parse_ints(concurrency, "--concurrency")
-    if requests < 1 or duration <= 0 or timeout <= 0 or (warmup is not None and warmup < 0):
-        raise UsageError("--requests must be >= 1, --warmup >= 0, --duration and --timeout > 0")
+    if requests < 1 or duration <= 0 or timeout <= 0 or (warmup is not None and warmup < 0) or files_per_request < 1:
+        raise UsageError("--requests and --files-per-request must be >= 1, --warmup >= 0, --duration and --timeout > 0")
+    if baseline_provider not in ("cpu", "cuda"):
+        raise UsageError(f"--baseline-provider must be cpu or cuda, not {baseline_provider!r}")
+    extra_batches = parse_ints(baseline_batches, "--baseline-batches") if baseline_batches else []
     target = check_target(url, endpoint, allow_remote=allow_remote)
     payloads = load_images(images)
     server_cpu = None
@@ -162,12 +172,12 @@ def serve(
             raise UsageError("--baseline needs a service on this machine (its CPU time is read from its processes)")
         server_cpu = ServerProcesses(parts.port or 80).cpu_seconds
     doc = run_sweep(target, payloads, levels, requests=requests, duration=duration, timeout=timeout, field=field,
-                    warmup=warmup, server_cpu=server_cpu)
+                    warmup=warmup, server_cpu=server_cpu, files_per_request=files_per_request)
     doc["images"]["source"] = str(images)
     if baseline is not None:
         mean_batch = mean_batch_size(target)
-        batches = sorted({1, max(1, round(mean_batch))} if mean_batch else {1})
-        doc["baseline"] = in_process_throughput(run_dir, step, batches)
+        batches = sorted({1, *extra_batches} | ({max(1, round(mean_batch))} if mean_batch else set()))
+        doc["baseline"] = in_process_throughput(run_dir, step, batches, provider=baseline_provider)
         doc["baseline"]["service_mean_batch_size"] = mean_batch
         fractions(doc, doc["baseline"])
     from .report import write_serve_report
@@ -175,7 +185,8 @@ def serve(
     files = write_serve_report(doc, output_dir(out, Path("bench-serve")))
     typer.echo(f"{files['report']}")
     best = max(doc["levels"], key=lambda level: level["requests_per_s"])
-    typer.echo(f"results: {files['results']}; best {best['requests_per_s']:.1f} requests/s at concurrency "
+    per_image = f" ({best['images_per_s']:.1f} images/s)" if files_per_request > 1 else ""
+    typer.echo(f"results: {files['results']}; best {best['requests_per_s']:.1f} requests/s{per_image} at concurrency "
                f"{best['concurrency']}; errors: {sum(level['errors'] for level in doc['levels'])}")
 
 
@@ -239,6 +250,94 @@ def _model_file(text: str, precision: str) -> Path:
     if path is None or not path.is_file():
         raise UsageError(f"step {step} of {run_dir} has no {precision} ONNX file")
     return path
+
+
+@app.command()
+def ensemble(
+    members: Annotated[list[str], typer.Argument(help="RUN_DIR[:STEP] of each member (default step: the run's recommended one).")],
+    single: Annotated[str, typer.Option(help="RUN_DIR[:STEP] of the single model to compare with (e.g. an unpruned step 0).")],
+    provider: Annotated[str, typer.Option(help="ONNX Runtime provider: cpu or cuda (IO binding; never CPU under CUDA's name).")] = "cpu",
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes for throughput.")] = "1,64",
+    precision: Annotated[str, typer.Option(help="Precision variant of the members (the single model runs fp32).")] = "fp32",
+    max_seconds: Annotated[float, typer.Option(help="Stop timing one batch size after this long.")] = 8.0,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: bench-ensemble/<timestamp>).")] = None,
+) -> None:
+    """A voting ensemble (soft and hard, the service's voting) against one single model: accuracy on the
+    validation split and throughput, measured in one process."""
+    from .ensemble import measure, parse_model, write_report
+
+    if provider not in ("cpu", "cuda"):
+        raise UsageError(f"--provider must be cpu or cuda, not {provider!r}")
+    if max_seconds <= 0:
+        raise UsageError("--max-seconds must be > 0")
+    batches = parse_ints(batch_sizes, "--batch-sizes")
+    doc = measure([parse_model(m) for m in members], parse_model(single), provider=provider, batch_sizes=batches,
+                  precision=precision, max_seconds=max_seconds)
+    files = write_report(doc, output_dir(out, Path("bench-ensemble")))
+    row = doc["throughput"][-1]
+    typer.echo(f"{files['report']}")
+    typer.echo(f"ensemble top-1 {doc['accuracy']['ensemble_soft']:.4f} (soft) / {doc['accuracy']['ensemble_hard']:.4f} "
+               f"(hard), single {doc['accuracy']['single']:.4f}; batch {row['batch']}: ensemble "
+               f"{row['ensemble']['throughput']:.0f} images/s, single {row['single']['throughput']:.0f}")
+
+
+CAMPAIGN_EXAMPLES = """
+Examples:
+
+  bench campaign --data ~/cifar10-jpg.tar.xz --out bench/results/h100-cifar10 --max-minutes 9   # again until 'campaign: done'
+
+  bench campaign --smoke --out /tmp/campaign-smoke          # CPU rehearsal on generated images
+"""
+
+
+@app.command(epilog=CAMPAIGN_EXAMPLES)
+def campaign(
+    out: Annotated[Path, typer.Option(help="Results folder (small: JSON, Markdown, PNG, logs; campaign.json is its state).")],
+    data: Annotated[Optional[Path], typer.Option(help="CIFAR-10 as an image folder (train/ and test/) or the "
+                                                      "cifar10-jpg.tar.xz archive (unpacked once into the work folder). "
+                                                      "Optional with --smoke (then images are generated).")] = None,
+    smoke: Annotated[bool, typer.Option("--smoke", help="Rehearse the same parts on the CPU on a few images per class, "
+                                                        "tiny epochs and sweeps.")] = False,
+    max_minutes: Annotated[float, typer.Option(help="Stop within this many minutes (a running command is stopped "
+                                                    "gracefully and resumed by the next call).")] = 9.0,
+    work: Annotated[Optional[Path], typer.Option(help="Work folder for the big files: data, run directories, ONNX "
+                                                      "models, the model store (default: runs/campaign/<OUT name>).")] = None,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Run parts that failed in an earlier call again.")] = False,
+) -> None:
+    """The GPU evidence in resumable parts: each call runs the next part(s) within --max-minutes, writes each
+    part's results at once, and prints 'campaign: done' when nothing is left. Without CUDA only --smoke runs."""
+    import sys
+
+    from .campaign import check_cuda, run_campaign
+    from .campaign_parts import parts, profile
+    from .campaign_report import write_readme
+
+    if max_minutes <= 0:
+        raise UsageError("--max-minutes must be > 0")
+    if data is None and not smoke:
+        raise UsageError("--data is required (the CIFAR-10 image folder or cifar10-jpg.tar.xz), except with --smoke")
+    if data is not None:
+        if not data.exists():
+            raise UsageError(f"--data {data}: no such file or folder")
+        if data.is_file() and not data.name.endswith((".tar.xz", ".tar.gz", ".tgz", ".tar")):
+            raise UsageError(f"--data {data}: expected an image folder (train/ and test/) or a .tar.xz archive of one")
+        if data.is_dir() and not ((data / "train").is_dir() and ((data / "test").is_dir() or (data / "val").is_dir())):
+            raise UsageError(f"--data {data}: expected train/<class>/* and test/<class>/* (or val/) inside")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder")
+    if not smoke:
+        reason = check_cuda()
+        if reason is not None:
+            raise UsageError(reason)
+    work = work if work is not None else Path("runs") / "campaign" / out.resolve().name
+    if work.resolve() == out.resolve() or out.resolve() in work.resolve().parents:
+        raise UsageError("--work must not be inside --out: the results folder stays small")
+    data_text = str(data) if data is not None else "generated"  # as given: the checkout may sit elsewhere next time
+    code = run_campaign(parts(), out=out.resolve(), work=work.resolve(), data=data_text, smoke=smoke,
+                        max_minutes=max_minutes, settings=profile(smoke), retry_failed=retry_failed,
+                        echo=lambda line: (typer.echo(line), sys.stdout.flush()), write_readme=write_readme)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()

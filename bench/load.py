@@ -58,9 +58,22 @@ class Upload:
     headers: dict[str, str]
 
     @classmethod
-    def of(cls, payload: Payload, field: str) -> Upload:
-        request = httpx.Request("POST", "http://localhost/", files={field: (payload.name, payload.data, payload.content_type)})
+    def of(cls, payload: Payload | Sequence[Payload], field: str) -> Upload:
+        """One file, or several files in the same field (``/classify_batch``'s ``images``)."""
+        payloads = [payload] if isinstance(payload, Payload) else list(payload)
+        files = [(field, (p.name, p.data, p.content_type)) for p in payloads]
+        request = httpx.Request("POST", "http://localhost/", files=files)
         return cls(request.read(), {"Content-Type": request.headers["Content-Type"]})
+
+
+def group_payloads(payloads: Sequence[Payload], per_request: int) -> list[list[Payload]]:
+    """The images of each request when every request carries ``per_request`` files: taken in
+    turn, wrapping around, so every request has exactly that many (as many groups as needed to
+    use every image once, at least one)."""
+    if per_request < 1:
+        raise ValueError("per_request must be >= 1")
+    groups = max(1, -(-len(payloads) // per_request))
+    return [[payloads[(g * per_request + i) % len(payloads)] for i in range(per_request)] for g in range(groups)]
 
 
 def is_loopback(host: str) -> bool:
@@ -153,6 +166,8 @@ async def _worker(session: aiohttp.ClientSession, url: str, uploads: Sequence[Up
                 answer = json.loads(body)
             except ValueError:
                 continue
+            if isinstance(answer, list) and answer:  # /classify_batch answers one entry per image
+                answer = answer[0]
             if isinstance(answer, dict) and "model" in answer:
                 models[str(answer["model"])] += 1
 
@@ -216,12 +231,15 @@ async def _preflight(url: str, upload: Upload, timeout: float) -> None:
 
 def run_sweep(url: str, payloads: Sequence[Payload], concurrency: Sequence[int], *, requests: int, duration: float,
               timeout: float = 30.0, field: str = "image", warmup: int | None = None, timer: Timer = time.perf_counter,
-              preflight: bool = True, server_cpu: Callable[[], float] | None = None) -> dict[str, Any]:
+              preflight: bool = True, server_cpu: Callable[[], float] | None = None,
+              files_per_request: int = 1) -> dict[str, Any]:
     """Every concurrency level in turn; returns the results document (``kind: bench-serve``).
     ``warmup`` untimed requests precede each level (default: one per worker, so connections
-    are open and the service has seen the batch shape before timing). Each payload is encoded
-    as a multipart body once, here, not per request."""
-    uploads = [Upload.of(payload, field) for payload in payloads]
+    are open and the service has seen the batch shape before timing). Each request body is
+    encoded as multipart once, here, not per request; with ``files_per_request`` > 1 every
+    request carries that many files in ``field`` (``/classify_batch``), and each level also
+    reports images/s."""
+    uploads = [Upload.of(group, field) for group in group_payloads(payloads, files_per_request)]
     if preflight:
         asyncio.run(_preflight(url, uploads[0], timeout))
     started = time.time()
@@ -231,15 +249,18 @@ def run_sweep(url: str, payloads: Sequence[Payload], concurrency: Sequence[int],
         levels.append(asyncio.run(_level(url, uploads, level, requests=requests, duration=duration, timeout=timeout,
                                          warmup=level if warmup is None else warmup, timer=timer,
                                          server_cpu=server_cpu)))
+        levels[-1]["images_per_s"] = levels[-1]["ok_per_s"] * files_per_request
     return {
         "kind": "bench-serve",
         "url": url,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(time.time() - started, 1),
         "settings": {"concurrency": list(concurrency), "requests": requests, "duration": duration, "timeout": timeout,
-                     "field": field, "warmup": "one per worker" if warmup is None else warmup,
+                     "field": field, "files_per_request": files_per_request,
+                     "warmup": "one per worker" if warmup is None else warmup,
                      "client": f"aiohttp {aiohttp.__version__}"},
-        "images": {"count": len(payloads), "bytes": sum(len(p.data) for p in payloads)},
+        "images": {"count": len(payloads), "bytes": sum(len(p.data) for p in payloads),
+                   "per_request": files_per_request},
         "machine": machine,
         "load_average_end": load_average(),
         "client_on_same_machine": is_loopback(urlsplit(url).hostname or ""),

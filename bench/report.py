@@ -263,7 +263,7 @@ def write_serve_report(doc: dict[str, Any], out_dir: Path) -> dict[str, Path]:
              f"requests and {settings['duration']:g} s per level (requests in flight at the deadline are awaited), "
              f"{settings['warmup']} untimed warm-up requests, timeout {settings['timeout']:g} s. "
              f"{doc['images']['count']} image(s) ({doc['images']['bytes'] / 1e3:.0f} kB) sent in turn as multipart "
-             f"field `{settings['field']}`.", "", f"Model(s) answering: {', '.join(models) or 'not reported'}.", "",
+             f"field `{settings['field']}`, {settings.get('files_per_request', 1)} per request.", "", f"Model(s) answering: {', '.join(models) or 'not reported'}.", "",
              busy_warning(doc) + same, "![latency and throughput vs concurrency](load.png)", "",
              "## Results", "", "Latency percentiles are those of successful (2xx) answers, measured on the client from "
              "sending the request to reading the whole answer.", "", serve_table(doc), "## Client machine", "",
@@ -283,13 +283,17 @@ def baseline_table(doc: dict[str, Any]) -> str:
              + "; ".join(f"batch {b}: {v['images_per_s']:.0f} images/s (p50 {v['p50_ms']:.3f} ms)"
                          for b, v in base["batches"].items())
              + f". Service mean batch size: {base.get('service_mean_batch_size') or 'not reported'}.", "",
-             "| concurrency | service ok/s | fraction of in-process batch 1 | server CPU ms / request | client CPU ms / request |",
-             "|---|---|---|---|---|"]
+             "| concurrency | service ok/s | service images/s | fraction of in-process batch 1 | fraction of best "
+             "in-process | server CPU ms / request | client CPU ms / request |",
+             "|---|---|---|---|---|---|---|"]
     for level in doc["levels"]:
         fraction = level.get("fraction_of_in_process_b1")
+        best = level.get("fraction_of_in_process_best")
         server = level.get("server_cpu_ms_per_request")
         client = 1000 * level["client_cpu_s"] / level["requests"] if level.get("requests") else None
         lines.append(f"| {level['concurrency']} | {level['ok_per_s']:.1f} | "
+                     f"{level.get('images_per_s', level['ok_per_s']):.1f} | "
                      f"{f'{fraction:.0%}' if fraction is not None else '-'} | "
+                     f"{f'{best:.0%}' if best is not None else '-'} | "
                      f"{f'{server:.2f}' if server is not None else '-'} | {f'{client:.2f}' if client is not None else '-'} |")
     return "\n".join(lines) + "\n"

@@ -22,7 +22,7 @@ from onnx import TensorProto, helper
 from PIL import Image
 
 from bench.cli import main
-from bench.load import Payload, check_target, run_sweep
+from bench.load import Payload, Upload, check_target, group_payloads, run_sweep
 from bench.report import write_models_report
 from compress.errors import UsageError
 from conftest import cuda_available
@@ -448,3 +448,16 @@ def test_console_script_reports_usage_errors_with_exit_code_2(tmp_path: Path) ->
         assert result.returncode == 2, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_several_files_per_request_go_in_one_multipart_body_in_the_same_field() -> None:
+    """``--files-per-request 32`` for ``/classify_batch``: each body carries that many files in
+    the field, taken in turn and wrapping around so every request has exactly that many."""
+    payloads = [Payload(f"{i}.png", bytes([i]) * 10, "image/png") for i in range(5)]
+    groups = group_payloads(payloads, 3)
+    assert [[p.name for p in g] for g in groups] == [["0.png", "1.png", "2.png"], ["3.png", "4.png", "0.png"]]
+    assert len(group_payloads(payloads, 32)) == 1 and len(group_payloads(payloads, 32)[0]) == 32
+    upload = Upload.of(groups[1], "images")
+    assert upload.body.count(b'name="images"') == 3 and upload.headers["Content-Type"].startswith("multipart/form-data")
+    assert b'filename="3.png"' in upload.body and b'filename="0.png"' in upload.body
+    assert Upload.of(payloads[0], "image").body.count(b'name="image"') == 1
