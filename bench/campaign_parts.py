@@ -59,6 +59,9 @@ GPU = {
     "published_steps": {"li": LI_ET_AL["steps"], "tp": TORCH_PRUNING["steps"]},
     "ensemble": ["--provider", "cuda", "--max-seconds", "4"],
     "ensemble_batches": [1, 256],
+    # the service's runtime options measured on the served model (`bench serve-options`); part 6 uses what they point to
+    "serve_options": ["--provider", "cuda", "--max-batch-size", "256", "--batch-sizes", "64,256", "--seconds", "1",
+                      "--rounds", "2"],
     "serve": {"provider": "cuda", "workers": [1, 4, 16], "start_timeout": 300, "max_batch_size": 256,
               "classify": ["--concurrency", "1,16,64,256", "--requests", "20000", "--duration", "8"],
               "batch": ["--concurrency", "1,4,16", "--requests", "2000", "--duration", "8"],
@@ -96,6 +99,8 @@ SMOKE = {
     "published_steps": {"li": 1, "tp": 1},
     "ensemble": ["--provider", "cpu", "--max-seconds", "0.3"],
     "ensemble_batches": [1, 4],
+    "serve_options": ["--provider", "cpu", "--max-batch-size", "4", "--batch-sizes", "1,4", "--seconds", "0.05",
+                      "--rounds", "1"],
     "serve": {"provider": "cpu", "workers": [1], "start_timeout": 120, "max_batch_size": 64,
               "classify": ["--concurrency", "1,4", "--requests", "20", "--duration", "3"],
               "batch": ["--concurrency", "2", "--requests", "4", "--duration", "3"],
@@ -517,6 +522,25 @@ def part_ensemble(ctx: Context) -> dict[str, Any]:
     return out
 
 
+# --- part 6a: the service's runtime options ------------------------------------------------------
+def part_serve_options(ctx: Context) -> dict[str, Any]:
+    """cuDNN search and workspace, padded or exact batch shapes, model threads and sessions,
+    measured on the model the service will serve (`bench serve-options`)."""
+    pruned = ctx.summary_of("2-prune")["models"]["primary"]
+    source = run_dir(ctx, f"{model_specs(ctx)['primary']['name']}-pruned")
+    step = pruned["chosen"]["step"]
+    ctx.run("serve-options", ctx.python("-m", "bench", "serve-options", f"{source}:{step}",
+                                        *ctx.settings["serve_options"], "--out", str(ctx.part_out)))
+    doc = read_json(ctx.part_out / "results.json")
+    env = doc["recommended_env"]
+    out = {"model": f"{source.name}:{step}", "provider": doc["provider"], "recommended_env": env,
+           "cudnn": doc.get("cudnn"), "batch_shapes": doc["batch_shapes"], "model_threads": doc["model_threads"],
+           "line": "settings measured best: " + " ".join(f"{k}={v}" for k, v in env.items())}
+    write_part_files(ctx, out, ["`bench serve-options` on the model part 6 serves (`report.md`, `results.json`); "
+                                "part 6 runs the service with the settings it points to.", "", out["line"]])
+    return out
+
+
 # --- part 6: the service ---------------------------------------------------------------------------
 def free_port() -> int:
     import socket
@@ -639,7 +663,8 @@ def part_service(ctx: Context) -> dict[str, Any]:
             continue
         env = {"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True", "SERVE_MODELS": tag,
                "SERVE_WORKERS": str(workers), "SERVE_PROVIDER": settings["provider"],
-               "SERVE_MAX_BATCH_SIZE": str(settings["max_batch_size"]), "SERVE_MAX_FILES": "64"}
+               "SERVE_MAX_BATCH_SIZE": str(settings["max_batch_size"]), "SERVE_MAX_FILES": "64",
+               **ctx.summary_of("6a-serve-options").get("recommended_env", {})}
         service = Service(ctx, env, ctx.out / "logs" / ctx.part.name / f"serve-w{workers}.log")
         ctx.record(service.command)
         try:
@@ -758,6 +783,8 @@ def parts() -> list[Part]:
              outputs=published_outputs),
         Part("5-ensemble", "3 pruned models voting against the unpruned resnet18",
              gpu_minutes=1.0, smoke_minutes=0.1, run=part_ensemble, needs=("2-prune", "4-published")),
+        Part("6a-serve-options", "the service's runtime options (cuDNN, batch shapes, model threads) measured on its model",
+             gpu_minutes=1.0, smoke_minutes=0.1, run=part_serve_options, needs=("2-prune",)),
         Part("6-service", "bentoml serve on the GPU, workers 1/4/16, /classify and /classify_batch vs raw ORT",
              gpu_minutes=5.0, smoke_minutes=0.4, run=part_service, needs=("0-data", "2-prune")),
         Part("7-tests", "pytest (the whole suite) and pytest -m gpu",

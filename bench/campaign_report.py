@@ -79,6 +79,9 @@ def headline_rows(ctx: Context) -> list[tuple[str, str, str]]:
                      f"({', '.join(ensemble['providers'])})", ""))
     else:
         rows.append(("ensemble of 3 pruned vs single unpruned", _missing(ctx, "5-ensemble"), ""))
+    options = ctx.summary_of("6a-serve-options")
+    rows.append(("service runtime options (measured on its model)",
+                 options.get("line") or _missing(ctx, "6a-serve-options"), "defaults unless clearly faster"))
     service = ctx.summary_of("6-service")
     if service.get("best"):
         b = service["best"]
