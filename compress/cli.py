@@ -71,6 +71,7 @@ Precisions = Annotated[Optional[str], typer.Option(help="Precision variants of e
 CalibrationImages = Annotated[Optional[int], typer.Option(help="int8: training images (evaluation transform, class-stratified) to calibrate on.")]
 CalibrationMethod = Annotated[Optional[str], typer.Option(help="int8: minmax, entropy or percentile.")]
 Int8Format = Annotated[Optional[str], typer.Option(help="int8: auto (measure the formats here, keep the fastest within the accuracy drop), qdq-u8s8, qdq-s8s8 or qoperator.")]
+Int8ReduceRange = Annotated[Optional[str], typer.Option(help="int8: weights quantized to 7 bits: first-conv (default: the image's convolution, whose sums saturate on CPUs without VNNI), all, or none.")]
 MaxAccuracyDrop = Annotated[Optional[float], typer.Option(help="A variant losing more top-1 than this (fraction) vs its step's fp32 is flagged and never recommended.")]
 LayerCaps = Annotated[Optional[str], typer.Option(help="YAML of per-layer maximum ratios (from `compress sensitivity`; 0 = do not prune).")]
 MaxLayerRatio = Annotated[Optional[float], typer.Option(help="No layer loses more than this fraction of its filters.")]
@@ -122,6 +123,7 @@ def run(data: Data = None, out: Out = None, arch: Arch = None, weights: Weights 
         distill_weight: DistillWeight = None, distill_temperature: DistillTemperature = None,
         export_fp16: ExportFp16 = None, precisions: Precisions = None, calibration_images: CalibrationImages = None,
         calibration_method: CalibrationMethod = None, int8_format: Int8Format = None,
+        int8_reduce_range: Int8ReduceRange = None,
         max_accuracy_drop: MaxAccuracyDrop = None, parity_tolerance: ParityTolerance = None, latency_batch: LatencyBatch = None,
         target_speedup: TargetSpeedup = None, latency_backend: LatencyBackend = None, device: Device = None,
         seed: Seed = None, workers: Workers = None, data_on_device: DataOnDevice = None,
@@ -193,7 +195,8 @@ def quantize(run_dir: RunDir,
              steps: Annotated[Optional[str], typer.Option(help="Comma-separated steps (default: every finished step).")] = None,
              precisions: Annotated[str, typer.Option(help="Variants to add (fp32 is always there).")] = "int8",
              calibration_images: CalibrationImages = None, calibration_method: CalibrationMethod = None,
-             int8_format: Int8Format = None, max_accuracy_drop: MaxAccuracyDrop = None) -> None:
+             int8_format: Int8Format = None, int8_reduce_range: Int8ReduceRange = None,
+             max_accuracy_drop: MaxAccuracyDrop = None) -> None:
     """Add precision variants (int8 by default) to the steps of an existing run: ONNX Runtime
     static quantization calibrated on training images, measured against each step's fp32 on
     the validation split. Resumable; refreshes report.md when the run has one."""
@@ -211,7 +214,7 @@ def quantize(run_dir: RunDir,
         raise UsageError(f"--precisions: {exc}") from None
     run_ = _reopen(run_dir, "cpu")
     given = {"calibration_images": calibration_images, "calibration_method": calibration_method,
-             "int8_format": int8_format, "max_accuracy_drop": max_accuracy_drop}
+             "int8_format": int8_format, "reduce_range": int8_reduce_range, "max_accuracy_drop": max_accuracy_drop}
     int8 = dataclasses.replace(run_.config.int8_settings(), **{k: v for k, v in given.items() if v is not None})
     int8.validate()
     from .pipeline import quantize as quantize_stage

@@ -25,7 +25,7 @@ EXECUTION_ONLY = ("device", "workers", "data_on_device", "trust_pickle")
 # Options that only add precision variants next to the fp32 files: they may differ on resume
 # (a new precision is built for every step; a changed int8 setting rebuilds the int8 files).
 VARIANT_OPTIONS = ("precisions", "export_fp16", "calibration_images", "calibration_method", "int8_format",
-                   "max_accuracy_drop")
+                   "int8_reduce_range", "max_accuracy_drop")
 DATA_ON_DEVICE = ("auto", "on", "off")
 
 
@@ -79,6 +79,7 @@ class RunConfig:
     calibration_images: int = 512  # int8: training images (evaluation transform) to calibrate on
     calibration_method: str = "minmax"
     int8_format: str = "auto"  # auto: measure qdq-u8s8, qdq-s8s8 and qoperator here, keep the fastest within the drop
+    int8_reduce_range: str = "first-conv"  # 7-bit weights there: no 16-bit saturation on CPUs without VNNI
     max_accuracy_drop: float = 0.01  # a variant losing more top-1 than this vs its step's fp32 is flagged
     parity_tolerance: float = 1e-3
     latency_batch: int = 32
@@ -125,7 +126,7 @@ class RunConfig:
         from .quantize import Int8Settings
 
         return Int8Settings(self.calibration_images, self.calibration_method, self.int8_format,
-                            self.max_accuracy_drop, self.seed)
+                            self.max_accuracy_drop, self.seed, self.int8_reduce_range)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

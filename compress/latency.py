@@ -101,20 +101,43 @@ def _keys(backend: str, chosen: list[StepRecord], precisions: Sequence[str] | No
     return [(s.step, p) for s in chosen for p in s.variants if precisions is None or p in precisions]
 
 
+def recorded_threads(step: StepRecord, precision: str, batch: int) -> int | None:
+    """The intra-op thread count chosen for this variant at this batch size when it was built
+    (``cpu_threads`` in its manifest record; 0 = ORT's default), or None when none was recorded."""
+    variant = step.variants.get(precision)
+    by_batch = ((variant.details.get("cpu_threads") or {}).get("by_batch") or {}) if variant else {}
+    choice = by_batch.get(str(batch))
+    return int(choice["threads"]) if choice else None
+
+
+def _threads_for(backend: str, step: StepRecord, precision: str, batch: int, forced: int | None) -> int | None:
+    """Threads a model is timed with: ``--threads`` when given, else on ORT CPU the variant's
+    recorded choice for this batch size, else the library's default (None)."""
+    if forced is not None or backend != "ort-cpu":
+        return forced
+    return recorded_threads(step, precision, batch) or None
+
+
 def _prepare_all(run_dir: Path, chosen: list[StepRecord], backend: str, keys: list[Key], threads: int | None,
-                 skipped: list[dict[str, str]]) -> dict[Key, Prepared]:
-    """Every (step, precision) loaded on one backend. One that cannot run is listed in
-    ``skipped``; without step 0 fp32 (the baseline) the whole backend is unavailable."""
+                 skipped: list[dict[str, str]], batch: int | None = None,
+                 cache: dict[tuple[Key, int | None], Prepared] | None = None) -> dict[Key, Prepared]:
+    """Every (step, precision) loaded on one backend, with the threads it is timed with at
+    ``batch`` (see :func:`_threads_for`; sessions are reused from ``cache``). One that cannot run
+    is listed in ``skipped``; without step 0 fp32 (the baseline) the whole backend is unavailable."""
     steps = {s.step: s for s in chosen}
+    cache = {} if cache is None else cache
     prepared: dict[Key, Prepared] = {}
     for step, precision in keys:
         reason = NOT_ON_BACKEND.get((backend, precision))
         if reason is None:
             record = steps[step]
             checkpoint = run_dir / record.checkpoint if record.checkpoint else None
+            use = threads if batch is None else _threads_for(backend, record, precision, batch, threads)
             try:
-                prepared[(step, precision)] = prepare(backend, onnx_path=record.variant_path(run_dir, precision),
-                                                      checkpoint=checkpoint, threads=threads)
+                if ((step, precision), use) not in cache:
+                    cache[((step, precision), use)] = prepare(backend, onnx_path=record.variant_path(run_dir, precision),
+                                                              checkpoint=checkpoint, threads=use)
+                prepared[(step, precision)] = cache[((step, precision), use)]
                 continue
             except BackendUnavailable as exc:
                 if (step, precision) == BASELINE:
@@ -165,24 +188,32 @@ def benchmark_run(run_dir: Path, *, backends: Sequence[str] = ("ort-cpu", "torch
     results: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     for backend in backends:
+        keys = _keys(backend, chosen, precisions)
+        cache: dict[tuple[Key, int | None], Prepared] = {}
         try:
-            prepared = _prepare_all(run_dir, chosen, backend, _keys(backend, chosen, precisions), threads, skipped)
+            prepared = {batch: _prepare_all(run_dir, chosen, backend, keys, threads, skipped, batch, cache)
+                        for batch in batch_sizes}
         except BackendUnavailable as exc:
             skipped.append({"backend": backend, "precision": "all", "reason": str(exc)})
             console.print(f"[yellow]{backend}: skipped ({exc})[/]")
             continue
-        accuracies = {k: accuracy_of(p.predict, images, labels) for k, p in prepared.items()} if measure_accuracy else {}
+        first = prepared[batch_sizes[0]]
+        accuracies = {k: accuracy_of(p.predict, images, labels) for k, p in first.items()} if measure_accuracy else {}
         for batch in batch_sizes:
-            results.extend(time_group(prepared, backend, batch, batch_of(images, batch), accuracies, warmup=warmup,
-                                      rounds=rounds, per_round=per_round, min_seconds=min_seconds,
+            results.extend(time_group(prepared[batch], backend, batch, batch_of(images, batch), accuracies,
+                                      warmup=warmup, rounds=rounds, per_round=per_round, min_seconds=min_seconds,
                                       max_seconds=max_seconds))
-        del prepared  # free sessions (and their thread pools) before the next backend
+        del prepared, first, cache  # free sessions (and their thread pools) before the next backend
     return {
         "kind": "bench-models",
         "run_dir": str(run_dir),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(time.time() - started, 1),
         "settings": {"backends": list(backends), "batch_sizes": list(batch_sizes), "threads": threads,
+                     "threads_rule": (f"forced: {threads}" if threads else
+                                      "ort-cpu: each model with the intra-op threads recorded as fastest for it at "
+                                      "that batch size when its variant was built (manifest: variants.*.cpu_threads), "
+                                      "else ORT's default; other backends: the library's default"),
                      "steps": [s.step for s in chosen], "precisions": list(precisions) if precisions else "all",
                      "warmup": warmup, "rounds": rounds, "per_round": per_round or "about 0.1 s of calls",
                      "min_seconds": min_seconds, "max_seconds": max_seconds, "accuracy": measure_accuracy,
@@ -215,6 +246,7 @@ def time_group(prepared: dict[Key, Prepared], backend: str, batch: int, data: np
         ratio = speedup(stats[base], stat)
         rows.append({"step": step, "backend": backend, "precision": precision, "batch": batch,
                      "device": prepared[(step, precision)].device, "latency": stat.to_dict(),
+                     "intra_op_threads": (prepared[(step, precision)].info.get("session") or {}).get("intra_op_threads"),
                      "accuracy": accuracies.get((step, precision)), "speedup": ratio, "speedup_band": [low, high],
                      "speedup_noisy": bool((step, precision) != base and not math.isnan(high)
                                            and (high - low) > NOISY_SPEEDUP_BAND * ratio),

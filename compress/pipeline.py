@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.markup import escape
@@ -516,8 +517,11 @@ def _variant_current(run: Run, entry: dict[str, Any], precision: str, int8: Any)
     if precision == "int8":
         recorded = variant.get("calibration") or {}
         same_format = int8.int8_format == variant.get("format_choice")
-        return same_format and (recorded.get("asked_images"), recorded.get("method"), recorded.get("seed")) == \
-            (int8.calibration_images, int8.calibration_method, int8.seed)
+        # a record from before reduce_range existed quantized with the full range everywhere
+        made_with = (recorded.get("asked_images"), recorded.get("method"), recorded.get("seed"),
+                     recorded.get("reduce_range", "none"))
+        return same_format and made_with == (int8.calibration_images, int8.calibration_method, int8.seed,
+                                             int8.reduce_range)
     return True
 
 
@@ -536,7 +540,8 @@ def build_variants(run: Run, step: int, precisions: tuple[str, ...], int8: Any) 
     for key in ("onnx_fp16", "onnx_fp16_bytes", "fp16"):
         entry.pop(key, None)
     wanted = [p for p in precisions if p != "fp32" and not _variant_current(run, {"variants": current}, p, int8)]
-    if not wanted and all(v.get("accuracy") is not None for v in current.values()) and "fp32" in current:
+    if not wanted and "fp32" in current and all(v.get("accuracy") is not None and v.get("cpu_threads")
+                                                for v in current.values()):
         return
     kept = {p: run.run_dir / v["onnx"] for p, v in current.items() if p not in wanted and p != "fp32"}
     made = {"fp16": builders.build_fp16(fp32_path, folder)} if "fp16" in wanted else {}
@@ -561,6 +566,13 @@ def build_variants(run: Run, step: int, precisions: tuple[str, ...], int8: Any) 
                                                     int8, len(calibration), calibration)
             records["int8"] = builders.record(run.run_dir, path, measured[f"int8:{fmt}"], fp32_accuracy,
                                               int8.max_accuracy_drop, details)
+        # threads chosen per variant by measuring them all (the calibration images or a
+        # validation batch as the probe: latency does not depend on the content)
+        probe = calibration if candidates else next(iter(val_loader))[0].numpy().astype(np.float32)
+        threads = builders.choose_threads({p: run.run_dir / r["onnx"] for p, r in records.items()}, probe,
+                                          sorted({1, run.config.latency_batch}))
+        for precision, record in records.items():
+            record["cpu_threads"] = threads[precision]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     entry["variants"] = {p: records[p] for p in PRECISIONS if p in records}

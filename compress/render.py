@@ -159,7 +159,9 @@ def latency_table(doc: dict[str, Any], rows: Sequence[dict[str, Any]] | None = N
         note = _notes(row)
         if flagged(doc, row["step"], row["precision"]):
             note = "; ".join(filter(None, ["flagged: accuracy drop over the limit", note]))
-        lines.append(f"| {row['backend']} | {row['batch']} | {row['step']} | {row['precision']} | {row['device']} | {acc:.4f} | "
+        threads = row.get("intra_op_threads")
+        runs_on = row["device"] + (f", {threads} thread{'s' if threads != 1 else ''}" if threads else "")
+        lines.append(f"| {row['backend']} | {row['batch']} | {row['step']} | {row['precision']} | {runs_on} | {acc:.4f} | "
                      f"{lat['p50_ms']:.3f} | {lat['p90_ms']:.3f} | {lat['p95_ms']:.3f} | {lat['p99_ms']:.3f} | "
                      f"{lat['mean_ms']:.3f} | {lat['throughput']:.0f} | {fmt_speedup(row)} | {note} |")
     return "\n".join(lines) + "\n"
@@ -191,6 +193,8 @@ def variants_table(doc: dict[str, Any]) -> str:
             diff = f"{v['max_abs_diff']:.2e}" if v.get("max_abs_diff") is not None else "-"
             calib = v.get("calibration") or {}
             how = f"{v.get('format')}, {calib.get('method')}, {calib.get('images')} images" if v.get("format") else "-"
+            if v.get("format") and calib.get("reduce_range"):
+                how += f", 7-bit weights: {calib['reduce_range']}"
             lines.append(f"| {s['step']} | {precision} | {size} | {acc} | {drop} | {agree} | {diff} | {how} | "
                          f"{'yes' if v.get('flagged') else ''} |")
     return "\n".join(lines) + "\n"
@@ -201,4 +205,7 @@ def noisy_note() -> str:
             f"the 10th-90th percentile of per-round ratios. Rows marked noisy have (p90 - p10) / p50 > {NOISY_SPREAD:.0%}. "
             "ONNX Runtime sessions run with intra-op thread spinning off, as the service runs them (idle threads "
             "sleep instead of busy-waiting; interleaved sessions would otherwise steal each other's cores): on CPU "
-            "this adds a wake-up cost per operator, which weighs most on the smallest models.\n")
+            "this adds a wake-up cost per operator, which weighs most on the smallest models. Unless `--threads` "
+            "is given, each model runs with the intra-op thread count measured fastest for it at that batch size "
+            "when its variant was built (\"runs on\" says which; \"ort default\" is one per physical core), so a "
+            "speed-up compares each model at its own setting.\n")

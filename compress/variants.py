@@ -6,13 +6,15 @@ against that fp32 file on the whole validation split, all through one mechanism.
 
 Every variant's manifest record has ``onnx``, ``bytes``, ``accuracy`` (top-1 through ONNX
 Runtime on the whole validation split), ``top1_agreement`` and ``max_abs_diff`` against the
-same step's fp32, ``accuracy_drop`` and ``flagged`` (lost more than ``--max-accuracy-drop``)."""
+same step's fp32, ``accuracy_drop`` and ``flagged`` (lost more than ``--max-accuracy-drop``),
+and ``cpu_threads``: the ONNX Runtime intra-op thread count that ran it fastest here at each
+measured batch size (see :func:`choose_threads`)."""
 from __future__ import annotations
 
 import copy
 import shutil
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +26,7 @@ from .data import DataBundle, SkippingDataLoader
 from .errors import UsageError
 from .runtime.precisions import VARIANT_FILES
 from .runtime.sessions import OrtModel, SessionSettings
+from .runtime.timing import Timer
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
@@ -103,7 +106,8 @@ def quantize_candidates(fp32_path: Path, scratch: Path, calibration: np.ndarray,
     scratch.mkdir(parents=True)
     files = {fmt: scratch / f"{fmt}.onnx" for fmt in settings.candidates()}
     for fmt, path in files.items():
-        quantize.quantize_file(fp32_path, path, calibration, fmt=fmt, method=settings.calibration_method)
+        quantize.quantize_file(fp32_path, path, calibration, fmt=fmt, method=settings.calibration_method,
+                               reduce_range=settings.reduce_range)
     return files
 
 
@@ -131,6 +135,38 @@ def keep_int8(fp32_path: Path, folder: Path, candidates: dict[str, Path], metric
                "timing": {"batch": 1, "backend": "ort-cpu", "intra_op_threads": "ort default",
                           "intra_op_spinning": False, "fp32_p50_ms": fp32_ms} if latency else None}
     return target, chosen, details
+
+
+# Intra-op thread counts tried per variant: 1, and 0 = ONNX Runtime's default (one per physical core).
+THREAD_CANDIDATES = (1, 0)
+
+
+def choose_threads(paths: dict[str, Path], images: np.ndarray, batches: Sequence[int], *,
+                   max_seconds: float = 6.0, timer: Timer | None = None) -> dict[str, dict[str, Any]]:
+    """Per variant, the intra-op thread count that ran it fastest on this CPU at each batch size.
+
+    Why per variant and per batch: a model of a few hundred microseconds spends more on waking a
+    second thread for every operator than it gains from it, a large one or a large batch gains
+    (digits demo, spinning off: step 3 int8 at batch 1 ran 0.43 ms with 1 thread and 0.53 ms with
+    2, step 0 fp32 2.46 and 2.02 ms; at batch 32 two threads won for every model). Every variant
+    is timed with every candidate, interleaved (spinning off, as the service and ``bench models``
+    run sessions), one group per batch size. Returns ``{precision: {"backend", "intra_op_spinning",
+    "by_batch": {"1": {"threads": 1, "p50_ms": {"1": ms, "0": ms}}, ...}}}``, threads 0 meaning
+    ORT's default; ``bench models`` and the closing report use it where no ``--threads`` is forced."""
+    from .latency import batch_of
+
+    chosen: dict[str, dict[str, Any]] = {p: {"backend": "ort-cpu", "intra_op_spinning": False, "by_batch": {}}
+                                         for p in paths}
+    for batch in batches:
+        fixed = batch_of(images, batch)
+        runners = {(p, t): OrtModel(path, SessionSettings("cpu", threads=t or None, spinning=False)).timed_call(fixed)
+                   for p, path in paths.items() for t in THREAD_CANDIDATES}
+        p50 = quantize.time_formats(runners, max_seconds=max_seconds, timer=timer)
+        for precision in paths:
+            times = {str(t): p50[(precision, t)] for t in THREAD_CANDIDATES}
+            best = min(THREAD_CANDIDATES, key=lambda t: p50[(precision, t)])
+            chosen[precision]["by_batch"][str(batch)] = {"threads": best, "p50_ms": times}
+    return chosen
 
 
 def build_fp16(fp32_path: Path, folder: Path) -> Path:

@@ -71,6 +71,78 @@ def test_quantize_again_keeps_finished_variants_and_redoes_changed_settings(int8
           "--max-accuracy-drop", "0.5"])
     after = {s["step"]: s["variants"]["int8"] for s in json.loads((int8_run / "manifest.json").read_text())["steps"]}
     assert after[0] == before[0] and after[1]["calibration"]["images"] == 12
+    assert before[1]["calibration"]["reduce_range"] == "first-conv"  # the default
+    main(["quantize", str(int8_run), "--steps", "1", "--calibration-images", "12", "--int8-format", "qdq-u8s8",
+          "--int8-reduce-range", "none", "--max-accuracy-drop", "0.5"])
+    redone = {s["step"]: s["variants"]["int8"] for s in json.loads((int8_run / "manifest.json").read_text())["steps"]}
+    assert redone[1]["calibration"]["reduce_range"] == "none" and redone[0] == before[0]
+
+
+def _conv_weights(path: Path) -> list[np.ndarray]:
+    """The int8 weights of each convolution of a quantized file, in graph order (QDQ: the
+    initializer behind the DequantizeLinear feeding a Conv; QOperator: QLinearConv's input 3)."""
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    initializers = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    dequantized = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    weights = []
+    for node in graph.node:
+        if node.op_type == "Conv" and dequantized.get(node.input[1]) in initializers:
+            weights.append(initializers[dequantized[node.input[1]]])
+        elif node.op_type == "QLinearConv":
+            weights.append(initializers[node.input[3]])
+    return weights
+
+
+@pytest.mark.parametrize("fmt", ["qdq-u8s8", "qoperator"])
+def test_reduce_range_quantizes_only_the_first_convolution_to_7_bits(tiny_run: Path, tmp_path: Path, fmt: str) -> None:
+    """Real quantization: with first-conv (the default) the image's convolution has 7-bit
+    weights (|w| <= 64, no 16-bit saturation without VNNI), the others use the whole int8 range."""
+    from compress.quantize import quantize_file
+
+    fp32 = tiny_run / "steps" / "step_00" / "model.onnx"
+    calibration = np.random.default_rng(0).normal(size=(16, 3, 16, 16)).astype(np.float32)
+    ranges = {}
+    for reduce_range in ("first-conv", "none", "all"):
+        out = tmp_path / f"{reduce_range}.onnx"
+        quantize_file(fp32, out, calibration, fmt=fmt, method="minmax", reduce_range=reduce_range)
+        weights = _conv_weights(out)
+        assert len(weights) > 3 and all(w.dtype == np.int8 for w in weights)
+        ranges[reduce_range] = [int(np.abs(w.astype(np.int32)).max()) for w in weights]
+    assert ranges["none"][0] == 127 and ranges["first-conv"][0] <= 64
+    assert ranges["first-conv"][1:] == ranges["none"][1:] and max(ranges["none"][1:]) == 127
+    assert max(ranges["all"]) <= 64
+    with pytest.raises(UsageError, match="--int8-reduce-range"):
+        Int8Settings(reduce_range="half").validate()
+
+
+def test_every_variant_records_its_fastest_thread_count_and_bench_uses_it(int8_run: Path, tmp_path: Path) -> None:
+    from compress.latency import benchmark_run
+
+    manifest = json.loads((int8_run / "manifest.json").read_text())
+    for step in manifest["steps"]:
+        for variant in step["variants"].values():
+            threads = variant["cpu_threads"]
+            assert threads["intra_op_spinning"] is False and set(threads["by_batch"]) == {"1", "8"}
+            for choice in threads["by_batch"].values():
+                assert set(choice["p50_ms"]) == {"1", "0"} and all(ms > 0 for ms in choice["p50_ms"].values())
+                assert choice["threads"] == min((1, 0), key=lambda t: choice["p50_ms"][str(t)])
+    # bench models times each model with its recorded choice at that batch size, unless forced
+    run = tmp_path / "run"
+    shutil.copytree(int8_run, run)
+    for step in manifest["steps"]:
+        for precision, variant in step["variants"].items():
+            variant["cpu_threads"]["by_batch"]["1"]["threads"] = 1 if precision == "int8" else 0
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    quick = {"backends": ("ort-cpu",), "warmup": 1, "rounds": 2, "max_seconds": 1, "measure_accuracy": False}
+    doc = benchmark_run(run, batch_sizes=(1, 2), **quick)
+    used = {(r["step"], r["precision"], r["batch"]): r["intra_op_threads"] for r in doc["results"]}
+    assert used[(1, "int8", 1)] == 1 and used[(1, "fp32", 1)] == "ort default"
+    assert used[(0, "int8", 2)] == "ort default"  # no choice recorded for batch 2: ORT's default
+    assert "recorded" in doc["settings"]["threads_rule"]
+    forced = benchmark_run(run, batch_sizes=(1,), threads=2, **quick)
+    assert {r["intra_op_threads"] for r in forced["results"]} == {2}
 
 
 def test_bench_models_measures_every_variant_against_step0_fp32(int8_run: Path) -> None:
