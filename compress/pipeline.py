@@ -553,7 +553,8 @@ def build_variants(run: Run, step: int, precisions: tuple[str, ...], int8: Any) 
             candidates = builders.quantize_candidates(fp32_path, scratch, calibration, int8)
         files = {"fp32": fp32_path, **kept, **made, **{f"int8:{fmt}": path for fmt, path in candidates.items()}}
         _, val_loader = run.loaders()
-        measured = builders.evaluate_variants(files, val_loader)  # one pass over the validation split for all
+        # one pass over the validation split for all, on the run's GPU where it trained on one
+        measured = builders.evaluate_variants(files, val_loader, device=str(run.device))
         fp32_accuracy = measured["fp32"]["accuracy"]
         records = {}
         for precision in ("fp32", *kept, *made):

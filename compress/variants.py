@@ -31,10 +31,20 @@ from .runtime.timing import Timer
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 
-def evaluate_variants(paths: dict[str, Path], batches: Batches) -> dict[str, dict[str, Any]]:
-    """One pass over the validation batches through every file (CPU): accuracy of each, and
-    top-1 agreement and max |logit difference| of each against ``paths['fp32']``."""
-    models = {p: OrtModel(path, SessionSettings("cpu", threads=None, spinning=False)) for p, path in paths.items()}
+def evaluation_provider(variant: str, device: str) -> str:
+    """Where a variant's accuracy is measured: where it will be deployed. On a run that trains
+    on CUDA, fp32 and fp16 go through ONNX Runtime's CUDA provider (``auto``: the CPU when
+    onnxruntime-gpu cannot run there; the provider really used is recorded); int8 always on the
+    CPU, whose kernels it is made for (the CUDA provider does not run QDQ int8 convolutions natively)."""
+    return "auto" if device.startswith("cuda") and not variant.startswith("int8") else "cpu"
+
+
+def evaluate_variants(paths: dict[str, Path], batches: Batches, *, device: str = "cpu") -> dict[str, dict[str, Any]]:
+    """One pass over the validation batches through every file: accuracy of each, and top-1
+    agreement and max |logit difference| of each against ``paths['fp32']``; ``device`` is the
+    run's training device (see :func:`evaluation_provider`)."""
+    models = {p: OrtModel(path, SessionSettings(evaluation_provider(p, device), threads=None, spinning=False))
+              for p, path in paths.items()}
     correct = {p: 0 for p in paths}
     agree = {p: 0 for p in paths}
     max_diff = {p: 0.0 for p in paths}
@@ -52,7 +62,7 @@ def evaluate_variants(paths: dict[str, Path], batches: Batches) -> dict[str, dic
     if seen == 0:
         raise UsageError("the validation split is empty: nothing to measure the variants on")
     return {p: {"accuracy": correct[p] / seen, "top1_agreement": agree[p] / seen, "max_abs_diff": max_diff[p],
-                "images": seen} for p in paths}
+                "images": seen, "measured_on": models[p].provider} for p in paths}
 
 
 def with_transform(dataset: Dataset, transform: Any) -> Dataset:
@@ -79,7 +89,8 @@ def calibration_images(data: DataBundle, settings: quantize.Int8Settings) -> np.
     return np.concatenate(batches).astype(np.float32)
 
 
-MEASURED_KEYS = ("onnx", "bytes", "accuracy", "top1_agreement", "max_abs_diff", "accuracy_drop", "flagged", "images")
+MEASURED_KEYS = ("onnx", "bytes", "accuracy", "top1_agreement", "max_abs_diff", "accuracy_drop", "flagged", "images",
+                 "measured_on")
 INT8_SCRATCH = ".int8-candidates"
 
 
@@ -90,7 +101,7 @@ def record(run_dir: Path, path: Path, metrics: dict[str, Any], fp32_accuracy: fl
     return {"onnx": path.resolve().relative_to(run_dir.resolve()).as_posix(), "bytes": path.stat().st_size,
             "accuracy": metrics["accuracy"], "top1_agreement": metrics["top1_agreement"],
             "max_abs_diff": metrics["max_abs_diff"], "accuracy_drop": drop, "flagged": drop > max_drop + 1e-12,
-            "images": metrics["images"], **details}
+            "images": metrics["images"], "measured_on": metrics.get("measured_on", "cpu"), **details}
 
 
 def details_of(recorded: dict[str, Any]) -> dict[str, Any]:

@@ -47,6 +47,7 @@ def test_quantize_adds_a_real_int8_variant_to_every_step(int8_run: Path) -> None
         ops = {node.op_type for node in onnx.load(str(path)).graph.node}
         assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # really quantized (QDQ)
         assert int8["format"] == "qdq-u8s8" and int8["calibration"]["images"] == 24
+        assert fp32["measured_on"] == int8["measured_on"] == "cpu"  # a CPU run: every accuracy through ORT CPU
         assert int8["calibration"]["method"] == "minmax"
         assert 0.0 <= int8["accuracy"] <= 1.0 and int8["top1_agreement"] >= 0.5 and int8["max_abs_diff"] > 0.0
         assert int8["accuracy_drop"] == pytest.approx(fp32["accuracy"] - int8["accuracy"])
@@ -242,6 +243,14 @@ def test_bad_calibration_input_is_a_one_line_usage_error(tiny_run: Path, tmp_pat
         assert result.returncode == 2, result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
+
+
+def test_variants_are_evaluated_where_they_deploy() -> None:
+    from compress.variants import evaluation_provider
+
+    assert evaluation_provider("fp32", "cpu") == evaluation_provider("fp16", "cpu") == "cpu"
+    assert evaluation_provider("fp32", "cuda:0") == evaluation_provider("fp16", "cuda") == "auto"
+    assert evaluation_provider("int8", "cuda:0") == evaluation_provider("int8:qdq-u8s8", "cuda") == "cpu"
 
 
 def test_precision_lists_and_stratified_calibration() -> None:
