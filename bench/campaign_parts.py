@@ -82,7 +82,7 @@ SMOKE = {
                "deep": {"name": "resnet20", "args": ["--arch", "resnet20", "--input-size", "16"], "epochs": 1,
                         "goal": 0.93, "stands_for": "resnet56"}},
     "train": ["--weights", "none", "--device", "cpu", "--data-on-device", "on", "--batch-size", "32",
-              "--optimizer", "sgd", "--patience", "0", "--workers", "0", "--seed", "0"],
+              "--optimizer", "sgd", "--patience", "0", "--workers", "0", "--seed", "0", "--timing-seconds", "0.2"],
     "subset": {"train": 6, "test": 3},  # images per class taken from --data
     "inspect_data": False,
     # fewer processes (each one imports torch: ~5 s here): step 0 alone, pruning steered at a fixed batch

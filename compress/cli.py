@@ -79,6 +79,7 @@ RoundTo = Annotated[Optional[int], typer.Option(help="Keep channel counts multip
 ParityTolerance = Annotated[Optional[float], typer.Option(help="Max |logit difference| ONNX vs PyTorch.")]
 LatencyBatch = Annotated[Optional[int], typer.Option(help="Batch size of --target-speedup and the larger batch of the closing latency report.")]
 TargetSpeedup = Annotated[Optional[float], typer.Option(help="Prune step by step until this speed-up over step 0 is measured (bounded by --target-macs and --prune-steps).")]
+TimingSeconds = Annotated[Optional[float], typer.Option(help="Least seconds each latency measurement of the run takes (--target-speedup, the int8 format and thread choices, the closing report; default 2). Less is quicker and noisier.")]
 LatencyBackend = Annotated[Optional[str], typer.Option(help="Where --target-speedup is measured: ort-cpu, ort-cuda or torch.")]
 Device = Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")]
 Seed = Annotated[Optional[int], typer.Option(help="Random seed.")]
@@ -125,7 +126,7 @@ def run(data: Data = None, out: Out = None, arch: Arch = None, weights: Weights 
         calibration_method: CalibrationMethod = None, int8_format: Int8Format = None,
         int8_reduce_range: Int8ReduceRange = None,
         max_accuracy_drop: MaxAccuracyDrop = None, parity_tolerance: ParityTolerance = None, latency_batch: LatencyBatch = None,
-        target_speedup: TargetSpeedup = None, latency_backend: LatencyBackend = None, device: Device = None,
+        timing_seconds: TimingSeconds = None, target_speedup: TargetSpeedup = None, latency_backend: LatencyBackend = None, device: Device = None,
         seed: Seed = None, workers: Workers = None, data_on_device: DataOnDevice = None,
         trust_pickle: TrustPickle = None, config_file: ConfigFile = None, force: Force = False) -> None:
     """Fine-tune, prune in steps with retraining, export each step to ONNX, report. Resumable."""

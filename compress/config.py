@@ -21,7 +21,7 @@ SCHEDULES = ("cosine", "step")
 DEVICES = ("auto", "cpu", "cuda")
 LATENCY_BACKENDS = ("ort-cpu", "ort-cuda", "torch")
 # Options that change how a run executes but not what it computes: they may differ on resume.
-EXECUTION_ONLY = ("device", "workers", "data_on_device", "trust_pickle")
+EXECUTION_ONLY = ("device", "workers", "data_on_device", "trust_pickle", "timing_seconds")
 # Options that only add precision variants next to the fp32 files: they may differ on resume
 # (a new precision is built for every step; a changed int8 setting rebuilds the int8 files).
 VARIANT_OPTIONS = ("precisions", "export_fp16", "calibration_images", "calibration_method", "int8_format",
@@ -83,6 +83,7 @@ class RunConfig:
     max_accuracy_drop: float = 0.01  # a variant losing more top-1 than this vs its step's fp32 is flagged
     parity_tolerance: float = 1e-3
     latency_batch: int = 32
+    timing_seconds: float = 2.0  # least time of each latency measurement inside a run (more: steadier figures)
     # execution
     device: str = "auto"
     seed: int = 0
@@ -147,6 +148,7 @@ class RunConfig:
             (0.0 < self.parity_tolerance, "--parity-tolerance must be > 0"),
             (17 <= self.opset, "--opset must be >= 17"),
             (self.latency_batch >= 1, "--latency-batch must be >= 1"),
+            (0.0 < self.timing_seconds <= 600, "--timing-seconds must be over 0 and at most 600"),
             (self.target_speedup is None or self.target_speedup > 1.0, "--target-speedup must be > 1"),
             (self.latency_backend in LATENCY_BACKENDS, f"--latency-backend must be one of {', '.join(LATENCY_BACKENDS)}"),
             (0.0 <= self.distill_weight <= 1.0, "--distill-weight must be in [0, 1]"),

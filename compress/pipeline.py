@@ -474,7 +474,9 @@ def _measure_speedup(run: Run, step: int) -> None:
         return
     try:
         measured = measure_step_speedup(run.run_dir, run.manifest, step, backend=run.config.latency_backend,
-                                        batch=run.config.latency_batch, data=run.data)
+                                        batch=run.config.latency_batch, data=run.data,
+                                        min_seconds=run.config.timing_seconds,
+                                        max_seconds=10 * run.config.timing_seconds)
     except BackendUnavailable as exc:
         raise UsageError(f"--latency-backend {run.config.latency_backend}: {exc}") from None
     entry["speedup_measured"] = measured
@@ -564,14 +566,16 @@ def build_variants(run: Run, step: int, precisions: tuple[str, ...], int8: Any) 
         if candidates:  # the calibration images serve as the timing probe: latency does not depend on content
             path, fmt, details = builders.keep_int8(fp32_path, folder, candidates,
                                                     {f: measured[f"int8:{f}"] for f in candidates}, fp32_accuracy,
-                                                    int8, len(calibration), calibration)
+                                                    int8, len(calibration), calibration,
+                                                    max_seconds=3 * run.config.timing_seconds)
             records["int8"] = builders.record(run.run_dir, path, measured[f"int8:{fmt}"], fp32_accuracy,
                                               int8.max_accuracy_drop, details)
         # threads chosen per variant by measuring them all (the calibration images or a
         # validation batch as the probe: latency does not depend on the content)
         probe = calibration if candidates else next(iter(val_loader))[0].numpy().astype(np.float32)
         threads = builders.choose_threads({p: run.run_dir / r["onnx"] for p, r in records.items()}, probe,
-                                          sorted({1, run.config.latency_batch}))
+                                          sorted({1, run.config.latency_batch}),
+                                          max_seconds=3 * run.config.timing_seconds)
         for precision, record in records.items():
             record["cpu_threads"] = threads[precision]
     finally:
@@ -623,7 +627,8 @@ def report(run: Run, *, redo: bool = False) -> dict[str, Any]:
             and all((run.run_dir / done[key]).exists() for key in ("report", "pareto", "results")):
         console.print("[dim]report already written[/]")
         return done
-    summary = write_run_report(run.run_dir, run.manifest, latency_batch=run.config.latency_batch, data=run.data)
+    summary = write_run_report(run.run_dir, run.manifest, latency_batch=run.config.latency_batch, data=run.data,
+                               timing_seconds=run.config.timing_seconds)
     summary["models"] = models
     run.manifest["report"] = summary
     run.save()

@@ -27,11 +27,11 @@ def _headline(doc: dict[str, Any], point: tuple[int, str], label: str) -> str:
 
 
 def write_run_report(run_dir: Path, manifest: dict[str, Any], *, latency_batch: int = 32,
-                     data: Any = None) -> dict[str, Any]:
+                     data: Any = None, timing_seconds: float = 2.0) -> dict[str, Any]:
     run_dir = Path(run_dir)
     batches = sorted({1, latency_batch})
     doc = benchmark_run(run_dir, backends=("ort-cpu",), batch_sizes=batches, measure_accuracy=False, data=data,
-                        rounds=20, min_seconds=2.0, max_seconds=20.0)
+                        rounds=20, min_seconds=timing_seconds, max_seconds=10 * timing_seconds)
     atomic_write_json(run_dir / "report.json", doc)
     plot_pareto(doc, run_dir / "pareto.png", backend="ort-cpu", batch=1)
     recommended = recommend(doc, "ort-cpu", 1) or (0, "fp32")

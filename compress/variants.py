@@ -124,7 +124,7 @@ def quantize_candidates(fp32_path: Path, scratch: Path, calibration: np.ndarray,
 
 def keep_int8(fp32_path: Path, folder: Path, candidates: dict[str, Path], metrics: dict[str, dict[str, Any]],
               fp32_accuracy: float, settings: quantize.Int8Settings, calibration_images: int,
-              probe: np.ndarray) -> tuple[Path, str, dict[str, Any]]:
+              probe: np.ndarray, *, max_seconds: float = 6.0) -> tuple[Path, str, dict[str, Any]]:
     """Choose among the measured candidates (with several, each is timed at batch 1 on ``probe``
     interleaved with fp32, ORT CPU, spinning off, and the fastest within the drop wins) and keep
     the chosen one as ``model_int8.onnx``. Returns its path, its format and the manifest details."""
@@ -132,7 +132,7 @@ def keep_int8(fp32_path: Path, folder: Path, candidates: dict[str, Path], metric
     if len(candidates) > 1:
         runners = {name: OrtModel(path, SessionSettings("cpu", spinning=False)).timed_call(probe[:1])
                    for name, path in {"fp32": fp32_path, **candidates}.items()}
-        latency = quantize.time_formats(runners)
+        latency = quantize.time_formats(runners, max_seconds=max_seconds)
     fp32_ms = latency.get("fp32")
     tried = {fmt: {"accuracy": metrics[fmt]["accuracy"], "top1_agreement": metrics[fmt]["top1_agreement"],
                    "p50_ms": latency.get(fmt), "speedup_vs_fp32": (fp32_ms / latency[fmt]) if fmt in latency else None}

@@ -43,7 +43,7 @@ def make_split_folder(root: Path, *, train: int = 10, val: int = 4, size: int = 
 
 TINY_OPTIONS = ["--arch", "resnet20", "--epochs", "2", "--prune-steps", "1", "--target-macs", "0.6",
                 "--retrain-epochs", "1", "--batch-size", "16", "--input-size", "16", "--latency-batch", "8",
-                "--device", "cpu"]
+                "--device", "cpu", "--timing-seconds", "0.2"]
 
 
 @pytest.fixture(scope="session")
