@@ -283,13 +283,18 @@ def baseline_table(doc: dict[str, Any]) -> str:
              + "; ".join(f"batch {b}: {v['images_per_s']:.0f} images/s (p50 {v['p50_ms']:.3f} ms)"
                          for b, v in base["batches"].items())
              + f". Service mean batch size: {base.get('service_mean_batch_size') or 'not reported'}.", "",
-             "| concurrency | service ok/s | fraction of in-process batch 1 | server CPU ms / request | client CPU ms / request |",
-             "|---|---|---|---|---|"]
+             "| concurrency | service ok/s | fraction of in-process batch 1 | server CPU ms / request | "
+             "model batch | model CPU ms / image (in-process) | server CPU outside the model ms / request | "
+             "client CPU ms / request |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def figure(value: float | None, form: str = ".2f") -> str:
+        return "-" if value is None else format(value, form)
+
     for level in doc["levels"]:
-        fraction = level.get("fraction_of_in_process_b1")
-        server = level.get("server_cpu_ms_per_request")
         client = 1000 * level["client_cpu_s"] / level["requests"] if level.get("requests") else None
-        lines.append(f"| {level['concurrency']} | {level['ok_per_s']:.1f} | "
-                     f"{f'{fraction:.0%}' if fraction is not None else '-'} | "
-                     f"{f'{server:.2f}' if server is not None else '-'} | {f'{client:.2f}' if client is not None else '-'} |")
+        lines.append(f"| {level['concurrency']} | {level['ok_per_s']:.1f} | {figure(level.get('fraction_of_in_process_b1'), '.0%')} | "
+                     f"{figure(level.get('server_cpu_ms_per_request'))} | {figure(level.get('model_mean_batch'))} | "
+                     f"{figure(level.get('model_cpu_ms_per_image'))} | {figure(level.get('server_cpu_ms_outside_model'))} | "
+                     f"{figure(client)} |")
     return "\n".join(lines) + "\n"
