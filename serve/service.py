@@ -30,12 +30,12 @@ from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.responses import JSONResponse
 
-from serve import metrics, openapi, tracing
+from serve import metrics, openapi, tracing, workers
 from serve.batching import AdaptiveBatcher
 from serve.guard import BodyBudget, UploadGuard, UploadRule
 from serve.inputs import INLINE_DECODE_PIXELS, BadInput, decode_opened, open_image
-from serve.runtime import Ensemble, check_classes, load_card
-from serve.settings import ConfigError, Settings
+from serve.runtime import Ensemble, ModelCard, check_classes, load_card
+from serve.settings import AUTO, ConfigError, Settings
 from serve.voting import prediction
 
 logger = logging.getLogger("serve")
@@ -49,21 +49,31 @@ def _serving_from_cli() -> bool:
     return Path(sys.argv[0]).name in ("bentoml", "__main__.py") and sys.argv[1:2] == ["serve"]
 
 
-def _resolve_tags(settings: Settings) -> tuple[str, ...]:
-    """Full ``name:version`` tags of ``SERVE_MODELS``; fails early (at import, so before any
-    worker starts) when a tag is missing or the members' classes differ. Unset is allowed
-    for ``bentoml build`` (a Bento without models) but stops ``bentoml serve`` at once:
-    otherwise its workers would fail and be restarted forever."""
+def _resolve_cards(settings: Settings) -> list[ModelCard]:
+    """The cards of ``SERVE_MODELS``; fails early (at import, so before any worker starts)
+    when a tag is missing or the members' classes differ. Unset is allowed for ``bentoml
+    build`` (a Bento without models) but stops ``bentoml serve`` at once: otherwise its
+    workers would fail and be restarted forever."""
     if not settings.models:
         if _serving_from_cli():
             settings.require_models()
-        return ()
+        return []
     cards = [load_card(tag) for tag in settings.models]
     check_classes(cards)
-    return tuple(card.tag for card in cards)
+    return cards
 
 
-TAGS = _resolve_tags(SETTINGS)
+def _worker_plan(settings: Settings, cards: list[ModelCard]) -> workers.WorkerPlan | None:
+    """For ``SERVE_WORKERS=auto``, the plan of ``serve/workers.py`` for these models."""
+    if settings.workers != AUTO:
+        return None
+    return workers.plan([card.file(settings.precision) for card in cards], max_pixels=settings.max_pixels)
+
+
+CARDS = _resolve_cards(SETTINGS)
+TAGS = tuple(card.tag for card in CARDS)
+WORKER_PLAN = _worker_plan(SETTINGS, CARDS)
+WORKERS = WORKER_PLAN.workers if WORKER_PLAN is not None else SETTINGS.workers
 
 
 def _member_tags(settings: Settings) -> tuple[str, ...]:
@@ -172,6 +182,10 @@ class Classifier:
         logger.info("serving %s (%s) on %s", ", ".join(tags),
                     settings.voting if len(tags) > 1 else "single model",
                     ", ".join(sorted(set(self.ensemble.providers().values()))))
+        from bentoml._internal.context import server_context
+
+        if WORKER_PLAN is not None and server_context.worker_index in (None, 1):  # once, not per worker
+            logger.info("%s", WORKER_PLAN.describe())
 
     async def __is_ready__(self) -> bool:
         return self.ready
@@ -283,7 +297,7 @@ class Classifier:
 for _index, _tag in enumerate(TAGS):
     setattr(Classifier, f"model_{_index}", bentoml.models.BentoModel(_tag))
 
-Classifier = bentoml.service(name="Classifier", workers=SETTINGS.workers, envs=ENVS,  # type: ignore[misc]
+Classifier = bentoml.service(name="Classifier", workers=WORKERS, envs=ENVS,  # type: ignore[misc]
                              traffic={"timeout": 60}, logging={"access": {"enabled": SETTINGS.access_log}})(Classifier)
 
 Classifier.add_asgi_middleware(

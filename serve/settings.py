@@ -20,7 +20,8 @@ in a built Bento and in its container (``docker run -e SERVE_MODELS=...``):
 - ``SERVE_BODY_IDLE_TIMEOUT``: longest pause, in seconds, while a body arrives (default 5) -> 408.
 - ``SERVE_TOP_K``: entries in ``top_k`` (default 5, at most the number of classes).
 - ``SERVE_MAX_BATCH_SIZE``: most rows in one model call of the adaptive batcher (default 64).
-- ``SERVE_WORKERS``: worker processes (default 1), each with its own sessions and batcher.
+- ``SERVE_WORKERS``: worker processes (default 1), each with its own sessions and batcher;
+  ``auto``: one per core, capped by memory (the rule is in ``serve/workers.py``).
 - ``SERVE_ACCESS_LOG``: ``off`` (default) or ``on``: one log line per request of the HTTP front
   (measured here: the line costs about a fifth of the CPU throughput; /metrics counts requests anyway).
 """
@@ -33,6 +34,8 @@ from dataclasses import dataclass
 VOTING = ("soft", "hard")
 PROVIDERS = ("auto", "cuda", "cpu")
 PRECISIONS = ("fp32", "fp16", "int8")
+AUTO = 0
+"""``workers`` when ``SERVE_WORKERS=auto``: resolved once the models are known (``serve/workers.py``)."""
 
 
 class ConfigError(RuntimeError):
@@ -118,7 +121,8 @@ class Settings:
             body_idle_timeout=_seconds(env, "SERVE_BODY_IDLE_TIMEOUT", cls.body_idle_timeout),
             top_k=_int(env, "SERVE_TOP_K", cls.top_k),
             max_batch_size=_int(env, "SERVE_MAX_BATCH_SIZE", cls.max_batch_size),
-            workers=_int(env, "SERVE_WORKERS", cls.workers),
+            workers=AUTO if env.get("SERVE_WORKERS", "").strip().lower() == "auto"
+            else _int(env, "SERVE_WORKERS", cls.workers),
             access_log=_choice(env, "SERVE_ACCESS_LOG", ("off", "on", "0", "1", "false", "true")) in ("on", "1", "true"),
         )
 

@@ -196,3 +196,44 @@ def test_open_image_reads_the_header_once_and_decodes_like_before() -> None:
     truncated = open_image(data[: len(data) // 2], max_bytes=10**6, max_pixels=10**6)  # the header is intact
     with pytest.raises(BadInput, match="damaged or truncated"):
         decode_opened(truncated)
+
+
+# --- SERVE_WORKERS=auto -------------------------------------------------------------------------------
+
+def test_auto_workers_one_per_core_capped_by_memory(tmp_path: Path) -> None:
+    from serve import workers
+
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"\0" * 1000)
+    (tmp_path / "model.onnx.data").write_bytes(b"\0" * 3000)  # external weights count too
+    per_worker = workers.BASE_WORKER_BYTES + 3 * 4000 + 2 * 1000 * workers.DECODE_BYTES_PER_PIXEL
+    roomy = workers.plan([model], max_pixels=1000, cores=2, available_bytes=100 * per_worker)
+    assert (roomy.workers, roomy.bytes_per_worker, roomy.memory_workers) == (2, per_worker, 80)
+    assert "limited by cores" in roomy.describe()
+    tight = workers.plan([model], max_pixels=1000, cores=2, available_bytes=int(1.3 * per_worker))
+    assert tight.workers == 1 and "limited by memory" in tight.describe()
+    assert workers.plan([model], max_pixels=1000, cores=2, available_bytes=0).workers == 1  # never none
+    # the decode budget counts at most 4 images at once, whatever the cores
+    many = workers.plan([], max_pixels=10**6, cores=16, available_bytes=10 * 2**40)
+    assert many.workers == 16 and many.bytes_per_worker == workers.BASE_WORKER_BYTES + 4 * 10**6 * workers.DECODE_BYTES_PER_PIXEL
+
+
+def test_serve_workers_setting_takes_auto() -> None:
+    from serve.settings import AUTO, ConfigError, Settings
+
+    assert Settings.from_env({"SERVE_WORKERS": "auto"}).workers == AUTO
+    assert Settings.from_env({"SERVE_WORKERS": "3"}).workers == 3
+    with pytest.raises(ConfigError):
+        Settings.from_env({"SERVE_WORKERS": "0"})
+
+
+def test_auto_workers_serve(store: Store, server_factory: Any) -> None:
+    """A real `bentoml serve` with SERVE_WORKERS=auto starts the planned workers, logs the
+    plan, and answers."""
+    from serve import workers
+
+    server = server_factory(SERVE_MODELS=store.step1, SERVE_WORKERS="auto").wait_ready()
+    expected = workers.plan([], max_pixels=4_000_000).workers  # the tiny model's files barely count
+    assert classify(server, _jpeg(1)).status_code == 200
+    assert len(server.workers) == expected
+    assert "SERVE_WORKERS=auto:" in server.output()
