@@ -164,22 +164,23 @@ def serve(
     payloads = load_images(images)
     server_cpu = None
     if baseline is not None:
-        from .baseline import ServerProcesses, fractions, in_process_throughput, mean_batch_size, parse_baseline
+        from .baseline import ServerProbe, fractions, in_process_throughput, mean_batch_size, parse_baseline
 
         run_dir, step = parse_baseline(baseline)
         parts = urlsplit(target)
         if not is_loopback(parts.hostname or ""):
             raise UsageError("--baseline needs a service on this machine (its CPU time is read from its processes)")
-        server_cpu = ServerProcesses(parts.port or 80).cpu_seconds
+        server_cpu = ServerProbe(target, parts.port or 80)
     doc = run_sweep(target, payloads, levels, requests=requests, duration=duration, timeout=timeout, field=field,
                     warmup=warmup, server_cpu=server_cpu, files_per_request=files_per_request)
     doc["images"]["source"] = str(images)
     if baseline is not None:
         mean_batch = mean_batch_size(target)
-        batches = sorted({1, *extra_batches} | ({max(1, round(mean_batch))} if mean_batch else set()))
+        level_batches = server_cpu.level_batches()  # type: ignore[union-attr]
+        batches = sorted({1, *extra_batches, *(max(1, round(b)) for b in [mean_batch, *level_batches] if b)})
         doc["baseline"] = in_process_throughput(run_dir, step, batches, provider=baseline_provider)
         doc["baseline"]["service_mean_batch_size"] = mean_batch
-        fractions(doc, doc["baseline"])
+        fractions(doc, doc["baseline"], level_batches)
     from .report import write_serve_report
 
     files = write_serve_report(doc, output_dir(out, Path("bench-serve")))

@@ -284,16 +284,19 @@ def baseline_table(doc: dict[str, Any]) -> str:
                          for b, v in base["batches"].items())
              + f". Service mean batch size: {base.get('service_mean_batch_size') or 'not reported'}.", "",
              "| concurrency | service ok/s | service images/s | fraction of in-process batch 1 | fraction of best "
-             "in-process | server CPU ms / request | client CPU ms / request |",
-             "|---|---|---|---|---|---|---|"]
+             "in-process | server CPU ms / request | model batch | model CPU ms / image (in-process) | "
+             "server CPU outside the model ms / request | client CPU ms / request |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def figure(value: float | None, form: str = ".2f") -> str:
+        return "-" if value is None else format(value, form)
+
     for level in doc["levels"]:
-        fraction = level.get("fraction_of_in_process_b1")
-        best = level.get("fraction_of_in_process_best")
-        server = level.get("server_cpu_ms_per_request")
         client = 1000 * level["client_cpu_s"] / level["requests"] if level.get("requests") else None
-        lines.append(f"| {level['concurrency']} | {level['ok_per_s']:.1f} | "
-                     f"{level.get('images_per_s', level['ok_per_s']):.1f} | "
-                     f"{f'{fraction:.0%}' if fraction is not None else '-'} | "
-                     f"{f'{best:.0%}' if best is not None else '-'} | "
-                     f"{f'{server:.2f}' if server is not None else '-'} | {f'{client:.2f}' if client is not None else '-'} |")
+        lines.append(f"| {level['concurrency']} | {level['ok_per_s']:.1f} | {level.get('images_per_s', level['ok_per_s']):.1f} | "
+                     f"{figure(level.get('fraction_of_in_process_b1'), '.0%')} | "
+                     f"{figure(level.get('fraction_of_in_process_best'), '.0%')} | "
+                     f"{figure(level.get('server_cpu_ms_per_request'))} | {figure(level.get('model_mean_batch'))} | "
+                     f"{figure(level.get('model_cpu_ms_per_image'))} | {figure(level.get('server_cpu_ms_outside_model'))} | "
+                     f"{figure(client)} |")
     return "\n".join(lines) + "\n"

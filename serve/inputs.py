@@ -55,18 +55,11 @@ ordinary images get bit-identical pixels (PIL takes ``box`` in float32, which ca
 pixel by one level)."""
 
 
-def header_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from the image header, without decoding; (0, 0) when the header is
-    unreadable (decoding then fails at once with the right message)."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.size
-    except Exception:
-        return 0, 0
-
-
-def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, name: str = "image") -> Image.Image:
-    """Decode an upload to 8-bit RGB (first frame of animations), or raise :class:`BadInput`.
+def open_image(data: bytes, *, max_bytes: int, max_pixels: int, name: str = "image") -> Image.Image:
+    """An upload's header, read and checked against the limits, no pixel decoded yet (see
+    :func:`decode_opened`), or :class:`BadInput`. Reading the header once serves both the
+    pixel limit and the service's choice of where to decode (PIL's header parsing is about a
+    third of decoding a small JPEG).
 
     The pixel limit is checked from the header, before any pixel is decoded, so a small file
     that expands to gigabytes (a decompression bomb) costs nothing."""
@@ -76,29 +69,49 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, name: str = "i
         raise BadInput(f"{name}: upload of {len(data)} bytes is over the limit of {max_bytes} bytes", status=413,
                        reason="image_too_large")
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise BadInput(f"{name}: image is {width}x{height} = {width * height} pixels, over the limit of "
-                               f"{max_pixels} pixels", reason="too_many_pixels")
-            if decode_pixels(width, height) > max_pixels:
-                raise BadInput(f"{name}: image is {width}x{height}, too narrow for its height: decoding it costs as "
-                               f"much as {decode_pixels(width, height)} pixels (a row counts as at least "
-                               f"{ROW_COST_PIXELS}), over the limit of {max_pixels} pixels", reason="too_many_pixels")
+        image = Image.open(io.BytesIO(data))
+    except Exception as exc:
+        raise _bad_image(exc, name) from None
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise BadInput(f"{name}: image is {width}x{height} = {width * height} pixels, over the limit of "
+                       f"{max_pixels} pixels", reason="too_many_pixels")
+    if decode_pixels(width, height) > max_pixels:
+        image.close()
+        raise BadInput(f"{name}: image is {width}x{height}, too narrow for its height: decoding it costs as "
+                       f"much as {decode_pixels(width, height)} pixels (a row counts as at least "
+                       f"{ROW_COST_PIXELS}), over the limit of {max_pixels} pixels", reason="too_many_pixels")
+    return image
+
+
+def decode_opened(image: Image.Image, name: str = "image") -> Image.Image:
+    """Decode an image from :func:`open_image` to 8-bit RGB (first frame of animations), or
+    raise :class:`BadInput`; ``image`` is closed either way."""
+    try:
+        with image:
             image.seek(0)
             image.load()
             return to_rgb(image)
-    except BadInput:
-        raise
-    except Image.DecompressionBombError as exc:  # PIL's own guard (over 2x Image.MAX_IMAGE_PIXELS)
-        raise BadInput(f"{name}: image over the pixel limit (decompression bomb?): {exc}",
-                       reason="too_many_pixels") from None
-    except Image.UnidentifiedImageError:
-        raise BadInput(f"{name}: not an image, or a format that cannot be read (send JPEG, PNG, WebP, BMP or GIF)",
-                       reason="not_an_image") from None
-    except Exception as exc:  # truncated/corrupt files surface as OSError, SyntaxError, ValueError, EOFError, ...
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BadInput(f"{name}: damaged or truncated image ({detail})", reason="damaged_image") from None
+    except Exception as exc:
+        raise _bad_image(exc, name) from None
+
+
+def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, name: str = "image") -> Image.Image:
+    """Decode an upload to 8-bit RGB (first frame of animations), or raise :class:`BadInput`."""
+    return decode_opened(open_image(data, max_bytes=max_bytes, max_pixels=max_pixels, name=name), name)
+
+
+def _bad_image(exc: Exception, name: str) -> BadInput:
+    """What a PIL failure means for the client."""
+    if isinstance(exc, Image.DecompressionBombError):  # PIL's own guard (over 2x Image.MAX_IMAGE_PIXELS)
+        return BadInput(f"{name}: image over the pixel limit (decompression bomb?): {exc}", reason="too_many_pixels")
+    if isinstance(exc, Image.UnidentifiedImageError):
+        return BadInput(f"{name}: not an image, or a format that cannot be read (send JPEG, PNG, WebP, BMP or GIF)",
+                        reason="not_an_image")
+    # truncated/corrupt files surface as OSError, SyntaxError, ValueError, EOFError, ...
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return BadInput(f"{name}: damaged or truncated image ({detail})", reason="damaged_image")
 
 
 @dataclass(frozen=True)

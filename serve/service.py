@@ -25,14 +25,17 @@ from typing import Any
 import anyio
 import bentoml
 import numpy as np
+from bentoml.exceptions import BentoMLException
+from PIL import Image
+from starlette.datastructures import UploadFile
 from starlette.responses import JSONResponse
 
-from serve import metrics, openapi
+from serve import metrics, openapi, tracing, workers
 from serve.batching import AdaptiveBatcher
 from serve.guard import BodyBudget, UploadGuard, UploadRule
-from serve.inputs import INLINE_DECODE_PIXELS, BadInput, decode_image, header_size
-from serve.runtime import Ensemble, RuntimeOptions, check_classes, load_card
-from serve.settings import ConfigError, Settings
+from serve.inputs import INLINE_DECODE_PIXELS, BadInput, decode_opened, open_image
+from serve.runtime import Ensemble, ModelCard, RuntimeOptions, check_classes, load_card
+from serve.settings import AUTO, ConfigError, Settings
 from serve.voting import prediction
 
 logger = logging.getLogger("serve")
@@ -46,21 +49,31 @@ def _serving_from_cli() -> bool:
     return Path(sys.argv[0]).name in ("bentoml", "__main__.py") and sys.argv[1:2] == ["serve"]
 
 
-def _resolve_tags(settings: Settings) -> tuple[str, ...]:
-    """Full ``name:version`` tags of ``SERVE_MODELS``; fails early (at import, so before any
-    worker starts) when a tag is missing or the members' classes differ. Unset is allowed
-    for ``bentoml build`` (a Bento without models) but stops ``bentoml serve`` at once:
-    otherwise its workers would fail and be restarted forever."""
+def _resolve_cards(settings: Settings) -> list[ModelCard]:
+    """The cards of ``SERVE_MODELS``; fails early (at import, so before any worker starts)
+    when a tag is missing or the members' classes differ. Unset is allowed for ``bentoml
+    build`` (a Bento without models) but stops ``bentoml serve`` at once: otherwise its
+    workers would fail and be restarted forever."""
     if not settings.models:
         if _serving_from_cli():
             settings.require_models()
-        return ()
+        return []
     cards = [load_card(tag) for tag in settings.models]
     check_classes(cards)
-    return tuple(card.tag for card in cards)
+    return cards
 
 
-TAGS = _resolve_tags(SETTINGS)
+def _worker_plan(settings: Settings, cards: list[ModelCard]) -> workers.WorkerPlan | None:
+    """For ``SERVE_WORKERS=auto``, the plan of ``serve/workers.py`` for these models."""
+    if settings.workers != AUTO:
+        return None
+    return workers.plan([card.file(settings.precision) for card in cards], max_pixels=settings.max_pixels)
+
+
+CARDS = _resolve_cards(SETTINGS)
+TAGS = tuple(card.tag for card in CARDS)
+WORKER_PLAN = _worker_plan(SETTINGS, CARDS)
+WORKERS = WORKER_PLAN.workers if WORKER_PLAN is not None else SETTINGS.workers
 
 
 def _member_tags(settings: Settings) -> tuple[str, ...]:
@@ -70,7 +83,8 @@ def _member_tags(settings: Settings) -> tuple[str, ...]:
 
 
 ENVS = [{"name": "SERVE_MODELS", "value": ",".join(TAGS)}] if TAGS else []
-API_ROUTES = ("/classify", "/classify_batch", "/metadata")
+UPLOAD_ROUTES = ("/classify", "/classify_batch")
+API_ROUTES = (*UPLOAD_ROUTES, "/metadata")
 SYSTEM_ROUTES = ("/", "/livez", "/healthz", "/readyz", "/metrics", "/docs.json", "/schema.json")
 MULTIPART_FRAMING = 64 * 1024
 """Room for part headers and boundaries on top of the image bytes of a ``/classify`` body."""
@@ -78,12 +92,28 @@ MULTIPART_FRAMING = 64 * 1024
 if _serving_from_cli():
     metrics.use_private_multiproc_dir("Classifier")
 metrics.bound_endpoint_labels(API_ROUTES + SYSTEM_ROUTES)
+tracing.skip_unexported_spans(UPLOAD_ROUTES)
+
+
+Upload = Path | UploadFile
+"""An uploaded file: BentoML's temporary copy (the API) or the guard's parsed part (the
+direct path, see ``serve/guard.py``)."""
+
+SERVER_HEADER = "BentoML Service/Classifier"
+"""What BentoML's API wrapper sends as ``Server``; the direct path sends the same."""
 
 
 def _answer(body: Any, status: int = 200) -> JSONResponse:
     """A JSON response sent as is: BentoML would otherwise rebuild the API's JSON schema for
     every answer (measured: about a tenth of the CPU per request on the digits model)."""
     return JSONResponse(body, status_code=status)
+
+
+def _read(upload: Upload) -> bytes:
+    if isinstance(upload, UploadFile):
+        upload.file.seek(0)
+        return upload.file.read()
+    return upload.read_bytes()
 
 
 def _bad_input(exc: BadInput) -> JSONResponse:
@@ -97,6 +127,23 @@ def _not_ready(error: str | None) -> JSONResponse:
     response = _answer({"error": message}, 503)
     response.headers["retry-after"] = "1"
     return response
+
+
+def _bentoml_headers(response: JSONResponse) -> JSONResponse:
+    """The headers BentoML's API wrapper adds: ``Server`` and ``X-BentoML-Request-ID``."""
+    response.headers["server"] = SERVER_HEADER
+    response.headers["x-bentoml-request-id"] = tracing.request_id()
+    return response
+
+
+def _direct_handler(path: str) -> Any:
+    """The guard's handler for an upload endpoint: the service instance's direct method, once
+    BentoML has created the instance (before that, None: the request goes through the API)."""
+    try:
+        service = bentoml.get_current_service()
+    except BentoMLException:
+        return None
+    return service.classify_direct if path == "/classify" else service.classify_batch_direct
 
 
 class Classifier:
@@ -134,6 +181,10 @@ class Classifier:
         logger.info("serving %s (%s) on %s", ", ".join(tags),
                     settings.voting if len(tags) > 1 else "single model",
                     ", ".join(sorted(set(self.ensemble.providers().values()))))
+        from bentoml._internal.context import server_context
+
+        if WORKER_PLAN is not None and server_context.worker_index in (None, 1):  # once, not per worker
+            logger.info("%s", WORKER_PLAN.describe())
 
     async def __is_ready__(self) -> bool:
         return self.ready
@@ -148,18 +199,21 @@ class Classifier:
         self.metrics.observe_model_call(len(rows), watch.seconds)
         return probs
 
-    def _prepare(self, files: list[Path], names: list[str], first: bytes | None = None) -> np.ndarray:
+    def _open(self, upload: Upload, name: str) -> Image.Image:
+        return open_image(_read(upload), max_bytes=self.settings.max_bytes, max_pixels=self.settings.max_pixels,
+                          name=name)
+
+    def _prepare(self, files: list[Upload], names: list[str], first: Image.Image | None = None) -> np.ndarray:
         """Decode and preprocess uploads -> (N, width) rows for the batcher, one image at a
-        time, so that a batch never holds more than one decoded image."""
+        time, so that a batch never holds more than one decoded image. ``first``: the first
+        upload, already opened."""
         rows = np.empty((len(files), self.layout.width), dtype=np.float32)
-        for index, (path, name) in enumerate(zip(files, names)):
-            data = first if index == 0 and first is not None else path.read_bytes()
-            image = decode_image(data, max_bytes=self.settings.max_bytes, max_pixels=self.settings.max_pixels,
-                                 name=name)
-            self.layout.fill(rows[index], image)
+        for index, (upload, name) in enumerate(zip(files, names)):
+            image = first if index == 0 and first is not None else self._open(upload, name)
+            self.layout.fill(rows[index], decode_opened(image, name))
         return rows
 
-    async def _rows(self, files: list[Path], names: list[str]) -> np.ndarray:
+    async def _rows(self, files: list[Upload], names: list[str]) -> np.ndarray:
         """A small single image is decoded right here, anything else in a worker thread so that
         it does not hold up the event loop (for a small image the thread hop costs more than
         the decoding: about a third of the service's CPU per request on the digits model).
@@ -168,8 +222,8 @@ class Classifier:
         watch = metrics.Stopwatch()
         try:
             with watch:
-                first = files[0].read_bytes() if len(files) == 1 else None
-                if first is not None and self.layout.work(*header_size(first)) <= INLINE_DECODE_PIXELS:
+                first = self._open(files[0], names[0]) if len(files) == 1 else None
+                if first is not None and self.layout.work(*first.size) <= INLINE_DECODE_PIXELS:
                     return self._prepare(files, names, first)
                 return await anyio.to_thread.run_sync(self._prepare, files, names, first,
                                                       limiter=self.decode_limiter)
@@ -179,30 +233,38 @@ class Classifier:
     def _prediction(self, probs: np.ndarray) -> dict[str, Any]:
         return prediction(probs, self.classes, voting=self.settings.voting, top_k=self.top_k, model=self.model_name)
 
+    async def _classify(self, files: list[Upload], names: list[str], *, batch: bool) -> JSONResponse:
+        """The answer to /classify (``batch=False``: one image) or /classify_batch."""
+        if not self.ready:
+            return _not_ready(self.load_error)
+        try:
+            rows = await self._rows(files, names)
+        except BadInput as exc:
+            return _bad_input(exc)
+        probs = await self.batcher(rows)
+        return _answer([self._prediction(p) for p in probs] if batch else self._prediction(probs[0]))
+
+    async def classify_direct(self, files: list[UploadFile]) -> JSONResponse:
+        """/classify from the guard's parsed upload (see ``serve/guard.py``), headers as BentoML sends them."""
+        return _bentoml_headers(await self._classify(files, ["image"], batch=False))
+
+    async def classify_batch_direct(self, files: list[UploadFile]) -> JSONResponse:
+        """/classify_batch from the guard's parsed uploads."""
+        names = [f"images[{index}]" for index in range(len(files))]
+        return _bentoml_headers(await self._classify(files, names, batch=True))
+
     @bentoml.api(route="/classify")
     async def classify(self, image: Path) -> dict[str, Any]:
         """Classify one image: ``{"label", "class_index", "confidence", "top_k", "model"[, "votes"]}``."""
-        if not self.ready:
-            return _not_ready(self.load_error)  # type: ignore[return-value]
-        try:
-            rows = await self._rows([image], ["image"])
-        except BadInput as exc:
-            return _bad_input(exc)  # type: ignore[return-value]  # BentoML sends a Response as is
-        probs = await self.batcher(rows)
-        return _answer(self._prediction(probs[0]))  # type: ignore[return-value]
+        # BentoML sends a Response as is
+        return await self._classify([image], ["image"], batch=False)  # type: ignore[return-value]
 
     @bentoml.api(route="/classify_batch")
     async def classify_batch(self, images: list[Path]) -> list[dict[str, Any]]:
         """Classify several images (repeated field ``images``): one answer per image, in order.
         ``UploadGuard`` has already refused more than ``SERVE_MAX_FILES`` of them (413)."""
-        if not self.ready:
-            return _not_ready(self.load_error)  # type: ignore[return-value]
-        try:
-            rows = await self._rows(list(images), [f"images[{index}]" for index in range(len(images))])
-        except BadInput as exc:
-            return _bad_input(exc)  # type: ignore[return-value]
-        probs = await self.batcher(rows)
-        return _answer([self._prediction(p) for p in probs])  # type: ignore[return-value]
+        names = [f"images[{index}]" for index in range(len(images))]
+        return await self._classify(list(images), names, batch=True)  # type: ignore[return-value]
 
     @bentoml.api(route="/metadata")
     async def metadata(self) -> dict[str, Any]:
@@ -235,7 +297,7 @@ class Classifier:
 for _index, _tag in enumerate(TAGS):
     setattr(Classifier, f"model_{_index}", bentoml.models.BentoModel(_tag))
 
-Classifier = bentoml.service(name="Classifier", workers=SETTINGS.workers, envs=ENVS,  # type: ignore[misc]
+Classifier = bentoml.service(name="Classifier", workers=WORKERS, envs=ENVS,  # type: ignore[misc]
                              traffic={"timeout": 60}, logging={"access": {"enabled": SETTINGS.access_log}})(Classifier)
 
 Classifier.add_asgi_middleware(
@@ -247,6 +309,7 @@ Classifier.add_asgi_middleware(
     json_apis=("/metadata",),
     openapi=lambda: openapi.build(Classifier.openapi_spec.asdict(), max_files=SETTINGS.max_files),
     on_reject=metrics.count_rejection,
+    direct=_direct_handler,
 )
 
 __all__ = ["Classifier", "ConfigError"]

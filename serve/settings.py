@@ -20,7 +20,8 @@ in a built Bento and in its container (``docker run -e SERVE_MODELS=...``):
 - ``SERVE_BODY_IDLE_TIMEOUT``: longest pause, in seconds, while a body arrives (default 5) -> 408.
 - ``SERVE_TOP_K``: entries in ``top_k`` (default 5, at most the number of classes).
 - ``SERVE_MAX_BATCH_SIZE``: most rows in one model call of the adaptive batcher (default 64).
-- ``SERVE_WORKERS``: worker processes (default 1), each with its own sessions and batcher.
+- ``SERVE_WORKERS``: worker processes (default 1), each with its own sessions and batcher;
+  ``auto``: one per core, capped by memory (the rule is in ``serve/workers.py``).
 - ``SERVE_MODEL_THREADS``: model calls one worker runs at the same time (default 1): on a GPU,
   a second call can copy its batch while the first computes.
 - ``SERVE_SESSIONS``: ``shared`` (default: one ONNX Runtime session per model, used by every
@@ -48,6 +49,8 @@ SESSIONS = ("shared", "per-thread")
 BATCH_SHAPES = ("auto", "buckets", "exact")
 CUDNN_ALGO_SEARCH = ("heuristic", "exhaustive", "default")
 SWITCH = ("on", "off", "1", "0", "true", "false")
+AUTO = 0
+"""``workers`` when ``SERVE_WORKERS=auto``: resolved once the models are known (``serve/workers.py``)."""
 
 
 class ConfigError(RuntimeError):
@@ -147,7 +150,8 @@ class Settings:
             body_idle_timeout=_seconds(env, "SERVE_BODY_IDLE_TIMEOUT", cls.body_idle_timeout),
             top_k=_int(env, "SERVE_TOP_K", cls.top_k),
             max_batch_size=_int(env, "SERVE_MAX_BATCH_SIZE", cls.max_batch_size),
-            workers=_int(env, "SERVE_WORKERS", cls.workers),
+            workers=AUTO if env.get("SERVE_WORKERS", "").strip().lower() == "auto"
+            else _int(env, "SERVE_WORKERS", cls.workers),
             model_threads=_int(env, "SERVE_MODEL_THREADS", cls.model_threads),
             sessions=_choice(env, "SERVE_SESSIONS", SESSIONS),
             batch_shapes=_choice(env, "SERVE_BATCH_SHAPES", BATCH_SHAPES),

@@ -688,7 +688,14 @@ def test_bench_serve_baseline_reports_the_fraction_and_server_cpu(single: Server
     for level in doc["levels"]:
         assert level["fraction_of_in_process_b1"] == pytest.approx(level["ok_per_s"] / base["batches"]["1"]["images_per_s"])
         assert 0 < level["server_cpu_ms_per_request"] < 1000  # the server worked, and per request, not per level
+        # the level's own mean model batch (from /metadata before and after it) and the model's CPU at that batch
+        assert 1 <= level["model_mean_batch"] <= level["concurrency"]
+        assert base["batches"][str(round(level["model_mean_batch"]))]["cpu_ms_per_image"] == level["model_cpu_ms_per_image"] > 0
+        assert level["server_cpu_ms_outside_model"] == pytest.approx(level["server_cpu_ms_per_request"]
+                                                                     - level["model_cpu_ms_per_image"])
+    assert doc["levels"][0]["model_mean_batch"] == 1  # one request in flight: every model call is batch 1
     assert "## Against the same model in-process" in (out / "report.md").read_text()
+    assert "server CPU outside the model" in (out / "report.md").read_text()
 
 
 @pytest.mark.gpu
