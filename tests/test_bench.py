@@ -25,24 +25,13 @@ from bench.cli import main
 from bench.load import Payload, Upload, check_target, group_payloads, run_sweep
 from bench.report import write_models_report
 from compress.errors import UsageError
-from conftest import cuda_available
+from conftest import cuda_available, run_bench_cli as run_cli
 from compress.hints import unaligned_convs
 from compress.latency import benchmark_run
 from compress.runtime.timing import interleaved, paired_speedup_spread, speedup, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--batch-sizes", "1,4", "--warmup", "1", "--rounds", "3", "--min-seconds", "0", "--max-seconds", "1"]
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """``bench.cli.main(args)`` in process: (exit code, stdout, stderr)."""
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 # --- bench models on the tiny run ---------------------------------------------------------------

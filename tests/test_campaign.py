@@ -13,20 +13,9 @@ import pytest
 
 from bench.campaign import Context, Part, invalidate_lost_work, new_state
 from bench.campaign_parts import choose_pruned_step, parts, pytest_result, saturation
-from bench.cli import main
-from conftest import cuda_available, make_image_folder
+from conftest import cuda_available, make_image_folder, run_bench_cli as run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")
