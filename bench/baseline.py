@@ -13,10 +13,14 @@ in-process CPU per image of the same model at that batch size (same session opti
 ONNX Runtime thread counted)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from compress.errors import UsageError
+
+if TYPE_CHECKING:
+    from compress.manifest import RunManifest, StepRecord
 
 
 def parse_baseline(text: str) -> tuple[Path, int | None]:
@@ -26,6 +30,33 @@ def parse_baseline(text: str) -> tuple[Path, int | None]:
     if not (run_dir / "manifest.json").is_file():
         raise UsageError(f"--baseline {text}: {run_dir} is not a run directory (no manifest.json)")
     return run_dir, int(step) if step else None
+
+
+@dataclass(frozen=True)
+class StepModel:
+    """One step of a run and the ONNX file of one of its precisions."""
+
+    raw: dict[str, Any]  # the manifest as stored
+    manifest: RunManifest
+    record: StepRecord
+    path: Path
+
+
+def step_model(run_dir: Path, step: int | None, precision: str) -> StepModel:
+    """The run's ``step`` (default: the recommended one) and its ``precision`` ONNX file, or a
+    :class:`UsageError` saying which is missing (what ``--baseline``, ``bench ensemble`` and
+    ``bench serve-options`` take)."""
+    from compress.manifest import RunManifest
+    from compress.registry import choose_step
+    from compress.rundir import require_manifest
+
+    raw = require_manifest(run_dir)
+    manifest = RunManifest.from_dict(raw)
+    record = manifest.step(choose_step(raw) if step is None else step)  # UsageError: no such step
+    path = record.variant_path(run_dir, precision)
+    if path is None or not path.is_file():
+        raise UsageError(f"step {record.step} of {run_dir} has no {precision} ONNX file")
+    return StepModel(raw, manifest, record, path)
 
 
 class ServerProcesses:
@@ -116,18 +147,14 @@ def in_process_throughput(run_dir: Path, step: int | None, batches: list[int], *
     size. ``provider`` ``cuda``: ONNX Runtime's CUDA provider with IO binding (the model's own
     time, the raw throughput a GPU service is compared with); it must load, never CPU instead."""
     from compress.latency import batch_of, validation_arrays
-    from compress.manifest import RunManifest
-    from compress.registry import choose_step
-    from compress.rundir import require_manifest
     from compress.runtime.sessions import OrtModel, SessionSettings
     from compress.runtime.timing import interleaved, summarize
 
-    raw = require_manifest(run_dir)
-    step = choose_step(raw) if step is None else step
-    record = RunManifest.from_dict(raw).step(step)
-    path = record.variant_path(run_dir, precision)
-    if path is None or not path.is_file():
-        raise UsageError(f"--baseline: step {step} of {run_dir} has no {precision} ONNX file")
+    try:
+        chosen = step_model(run_dir, step, precision)
+    except UsageError as exc:
+        raise UsageError(f"--baseline: {exc}") from None
+    raw, step, path = chosen.raw, chosen.record.step, chosen.path
     if provider == "cuda":
         import torch  # noqa: F401  (the CUDA build of onnxruntime finds its libraries once torch is loaded)
     from compress.runtime.sessions import ProviderUnavailable

@@ -235,22 +235,13 @@ def _model_file(text: str, precision: str) -> Path:
         if not Path(text).is_file():
             raise UsageError(f"model file not found: {text}")
         return Path(text)
-    from compress.manifest import RunManifest
-    from compress.registry import choose_step
-    from compress.rundir import require_manifest
-
-    from .baseline import parse_baseline
+    from .baseline import parse_baseline, step_model
 
     try:
         run_dir, step = parse_baseline(text)
     except UsageError:
         raise UsageError(f"{text} is neither an .onnx file nor a run directory (RUN_DIR[:STEP])") from None
-    raw = require_manifest(run_dir)
-    step = choose_step(raw) if step is None else step
-    path = RunManifest.from_dict(raw).step(step).variant_path(run_dir, precision)  # UsageError: no such step
-    if path is None or not path.is_file():
-        raise UsageError(f"step {step} of {run_dir} has no {precision} ONNX file")
-    return path
+    return step_model(run_dir, step, precision).path
 
 
 @app.command()

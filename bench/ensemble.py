@@ -32,20 +32,10 @@ def parse_model(text: str) -> tuple[Path, int | None]:
 
 
 def _load(run_dir: Path, step: int | None, precision: str) -> dict[str, Any]:
-    from compress.manifest import RunManifest
-    from compress.registry import choose_step
-    from compress.rundir import require_manifest
+    from .baseline import step_model
 
-    raw = require_manifest(run_dir)
-    step = choose_step(raw) if step is None else step
-    manifest = RunManifest.from_dict(raw)
-    try:
-        record = manifest.step(step)
-    except (KeyError, StopIteration, ValueError):
-        raise UsageError(f"{run_dir} has no step {step}") from None
-    path = record.variant_path(run_dir, precision)
-    if path is None or not path.is_file():
-        raise UsageError(f"step {step} of {run_dir} has no {precision} ONNX file")
+    chosen = step_model(run_dir, step, precision)
+    raw, manifest, record, path, step = chosen.raw, chosen.manifest, chosen.record, chosen.path, chosen.record.step
     return {"name": f"{run_dir.name}:{step}", "run_dir": str(run_dir), "step": step, "precision": precision,
             "path": path, "classes": manifest.classes, "macs": record.macs, "params": record.params,
             "manifest_accuracy": record.variant_accuracy(precision), "arch": manifest.config.get("arch"), "raw": raw}
