@@ -54,6 +54,8 @@ class AdaptiveBatcher:
         """Results for ``rows`` (split into chunks of at most ``max_batch_size`` rows)."""
         if len(rows) == 0:
             raise ValueError("no rows to predict")
+        if len(rows) <= self.max_batch_size:  # the usual case: no task per chunk to gather
+            return await self._submit(rows)
         chunks = [rows[i:i + self.max_batch_size] for i in range(0, len(rows), self.max_batch_size)]
         results = await asyncio.gather(*(self._submit(chunk) for chunk in chunks))
         return results[0] if len(results) == 1 else np.concatenate(results, axis=0)

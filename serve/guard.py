@@ -25,8 +25,9 @@ Cost per request: once this middleware has parsed and checked an upload, handing
 to BentoML's API wrapper parsed it a second time, copied every file to a temporary file and
 validated the copy with pydantic (measured: about half of the service's CPU per request with
 a 32x32 JPEG). An upload endpoint with a ``direct`` handler is therefore answered here, from
-the files already parsed; BentoML's metrics, tracing and timeout middleware still wrap it (they
-sit outside this one), and the BentoML API stays declared for its schema and as the way in
+the files already parsed, within ``answer_timeout`` seconds (else a JSON 504, as BentoML's
+traffic timeout answers); ``serve/stack.py`` places this middleware so that BentoML's metrics
+still count these answers. The BentoML API stays declared for its schema and as the way in
 while the service instance does not exist yet."""
 from __future__ import annotations
 
@@ -42,6 +43,8 @@ import anyio
 from starlette.datastructures import FormData, Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.responses import Response
+
+from serve.multipart import parse_plain_form
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -217,13 +220,15 @@ class UploadGuard:
     ``openapi``: returns the OpenAPI document served at ``/docs.json``;
     ``on_reject``: called with the reason of every refusal (the metrics);
     ``direct``: path -> the handler that answers that upload endpoint from its parsed files,
-    or ``None`` (then the body goes on to BentoML's API, e.g. before the service exists)."""
+    or ``None`` (then the body goes on to BentoML's API, e.g. before the service exists);
+    ``answer_timeout``: seconds a direct handler may take (None: no limit)."""
 
     def __init__(self, app: ASGIApp, *, rules: Mapping[str, UploadRule], max_file_bytes: int,
                  budget: BodyBudget = BodyBudget(), json_apis: tuple[str, ...] = (),
                  openapi: Callable[[], dict[str, Any]] | None = None,
                  on_reject: Callable[[str], None] | None = None,
-                 direct: Callable[[str], DirectHandler | None] | None = None) -> None:
+                 direct: Callable[[str], DirectHandler | None] | None = None,
+                 answer_timeout: float | None = None) -> None:
         self.app = app
         self.rules = dict(rules)
         self.max_file_bytes = max_file_bytes
@@ -232,6 +237,7 @@ class UploadGuard:
         self.openapi = openapi
         self.on_reject = on_reject or (lambda reason: None)
         self.direct = direct or (lambda path: None)
+        self.answer_timeout = answer_timeout
         self._openapi_body: bytes | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -279,9 +285,15 @@ class UploadGuard:
 
     async def _answer(self, handler: DirectHandler, files: list[UploadFile], scope: Scope, receive: Receive,
                       send: Send) -> None:
-        """Answer from the parsed files; an unexpected error is a JSON 500, as BentoML answers it."""
+        """Answer from the parsed files; an unexpected error is a JSON 500, as BentoML answers it,
+        and no answer within ``answer_timeout`` a JSON 504."""
         try:
-            response = await handler(files)
+            async with asyncio.timeout(self.answer_timeout):
+                response = await handler(files)
+        except TimeoutError:
+            self.on_reject("answer_timeout")
+            text = f"not able to process the request in {self.answer_timeout:g} seconds"
+            response = Response(json.dumps({"error": text}).encode(), 504, media_type="application/json")
         except Exception:
             logger.exception("unexpected error in %s %s", scope["method"], scope["path"])
             response = Response(json.dumps({"error": UNEXPECTED_ERROR}).encode(), 500, media_type="application/json")
@@ -301,9 +313,11 @@ class UploadGuard:
                            "unsupported_media_type")
         boundary = headers.get("content-type", "").partition("boundary=")[2].split(";")[0].strip().strip('"')
         reader.marker = f"--{boundary}--".encode("latin-1", "replace") if boundary else b""
-        parser = MultiPartParser(headers, reader.stream(), max_files=rule.max_files, max_fields=8)
+        first = await reader.next_chunk()
+        plain = parse_plain_form(headers["content-type"], first, max_files=rule.max_files) if reader.done else None
         try:
-            form = await parser.parse()
+            form = plain if plain is not None else await MultiPartParser(
+                headers, _chain(first, reader.stream()), max_files=rule.max_files, max_fields=8).parse()
         except MultiPartException as exc:
             if reader.size == 0:
                 raise Rejected(400, f"empty request body: {hint}", "malformed_body") from None
@@ -408,6 +422,14 @@ class UploadGuard:
             await _send_json(send, start["status"], json.dumps({"error": text}).encode(), extra_headers=extra)
 
         return wrapped
+
+
+async def _chain(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """``first``, then ``rest``: a body stream whose first piece has already been read."""
+    if first:
+        yield first
+    async for chunk in rest:
+        yield chunk
 
 
 def _content_length(headers: Headers) -> int | None:

@@ -5,7 +5,7 @@ Added (prometheus_client in BentoML's multiprocess mode, so every worker's figur
 - ``serve_batch_size``: rows per model call of the adaptive batcher (histogram);
 - ``serve_model_seconds``: time of one model call, all ensemble members (histogram);
 - ``serve_decode_seconds``: decoding and preprocessing the images of one request (histogram);
-- ``serve_rejected_requests_total{reason}``: requests answered with a 4xx/503, by reason, from
+- ``serve_rejected_requests_total{reason}``: requests answered with a 4xx/503/504, by reason, from
   the fixed list :data:`REASONS` (a label value never comes from the request).
 
 Repairs (BentoML 1.4.39, measured):
@@ -31,7 +31,7 @@ from typing import Any
 REASONS = (
     "body_too_large", "body_timeout", "unsupported_media_type", "malformed_body", "missing_field",
     "too_many_files", "bad_filename", "empty_image", "image_too_large", "too_many_pixels", "not_an_image",
-    "damaged_image", "not_found", "method_not_allowed", "not_ready",
+    "damaged_image", "not_found", "method_not_allowed", "not_ready", "answer_timeout",
 )
 """Every value the ``reason`` label can take."""
 
@@ -57,7 +57,7 @@ class ServiceMetrics:
         self.decode_seconds = Histogram("serve_decode_seconds", "Decoding and preprocessing the images of a request",
                                         buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5),
                                         registry=None)
-        self.rejected = Counter("serve_rejected_requests", "Requests refused (4xx, or 503 while loading), by reason",
+        self.rejected = Counter("serve_rejected_requests", "Requests refused (4xx, 503 while loading, 504 too slow), by reason",
                                 ["reason"], registry=None)
         self._rejected = {reason: self.rejected.labels(reason=reason) for reason in REASONS}
         for child in self._rejected.values():  # every reason shows from the start (at 0)

@@ -66,6 +66,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
         415: "Unsupported Content-Type",
         500: "Unexpected error",
         503: "The models are still loading (retry)",
+        504: "Not answered within the service's timeout (the model is overloaded)",
     }
     return {str(status): _json(descriptions[status], {"$ref": "#/components/schemas/Error"}) for status in statuses}
 
@@ -76,7 +77,7 @@ def build(spec: dict[str, Any], *, max_files: int) -> dict[str, Any]:
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     schemas.update({"Error": ERROR, "Prediction": PREDICTION, "Metadata": METADATA})
     paths = doc["paths"]
-    upload_errors = _errors(400, 408, 413, 415, 500, 503)
+    upload_errors = _errors(400, 408, 413, 415, 500, 503, 504)
 
     classify = paths["/classify"]["post"]
     classify["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": {

@@ -30,7 +30,7 @@ from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.responses import JSONResponse
 
-from serve import metrics, openapi, tracing, workers
+from serve import metrics, openapi, stack, tracing, workers
 from serve.batching import AdaptiveBatcher
 from serve.guard import BodyBudget, UploadGuard, UploadRule
 from serve.inputs import INLINE_DECODE_PIXELS, BadInput, decode_opened, open_image
@@ -86,13 +86,16 @@ ENVS = [{"name": "SERVE_MODELS", "value": ",".join(TAGS)}] if TAGS else []
 UPLOAD_ROUTES = ("/classify", "/classify_batch")
 API_ROUTES = (*UPLOAD_ROUTES, "/metadata")
 SYSTEM_ROUTES = ("/", "/livez", "/healthz", "/readyz", "/metrics", "/docs.json", "/schema.json")
+TRAFFIC_TIMEOUT = 60.0
+"""Seconds to answer a request (BentoML's ``traffic.timeout``, and the guard's for the uploads it answers)."""
 MULTIPART_FRAMING = 64 * 1024
 """Room for part headers and boundaries on top of the image bytes of a ``/classify`` body."""
 
 if _serving_from_cli():
     metrics.use_private_multiproc_dir("Classifier")
 metrics.bound_endpoint_labels(API_ROUTES + SYSTEM_ROUTES)
-tracing.skip_unexported_spans(UPLOAD_ROUTES)
+tracing.skip_unexported_spans()
+stack.guard_after_metrics(UploadGuard)
 
 
 Upload = Path | UploadFile
@@ -298,7 +301,7 @@ for _index, _tag in enumerate(TAGS):
     setattr(Classifier, f"model_{_index}", bentoml.models.BentoModel(_tag))
 
 Classifier = bentoml.service(name="Classifier", workers=WORKERS, envs=ENVS,  # type: ignore[misc]
-                             traffic={"timeout": 60}, logging={"access": {"enabled": SETTINGS.access_log}})(Classifier)
+                             traffic={"timeout": TRAFFIC_TIMEOUT}, logging={"access": {"enabled": SETTINGS.access_log}})(Classifier)
 
 Classifier.add_asgi_middleware(
     UploadGuard,
@@ -310,6 +313,7 @@ Classifier.add_asgi_middleware(
     openapi=lambda: openapi.build(Classifier.openapi_spec.asdict(), max_files=SETTINGS.max_files),
     on_reject=metrics.count_rejection,
     direct=_direct_handler,
+    answer_timeout=TRAFFIC_TIMEOUT,
 )
 
 __all__ = ["Classifier", "ConfigError"]

@@ -1,7 +1,9 @@
 """Issue 11, cost per request: the upload endpoints are answered by the guard from the files it
 has already parsed (not by BentoML's API wrapper, which parsed the body again and copied every
-file to disk), and unexported tracing is skipped on them. What must not change: the answers,
-BentoML's own client, BentoML's headers, the fallback through the API, JSON 500s.
+file to disk), plainly framed forms are read without Starlette's parser, the guard sits outside
+BentoML's tracing and timeout layers, and nothing is traced without an exporter. What must not
+change: the answers, BentoML's own client, BentoML's headers, the fallback through the API, the
+parsed forms, JSON 500s (and now 504s).
 
 Speed is measured in bench/results/cpu-2core-serve/, never asserted here."""
 from __future__ import annotations
@@ -151,22 +153,20 @@ def tracing_config() -> Any:
     tracing.excluded_urls.set(saved[1])
 
 
-def test_unexported_routes_are_skipped_only_without_an_exporter(tracing_config: Any) -> None:
+def test_nothing_is_traced_without_an_exporter(tracing_config: Any) -> None:
     from serve.tracing import UnexportedRoutes
 
     tracing_config.exporter_type.set(None)
     tracing_config.excluded_urls.set("/private")
-    skip = UnexportedRoutes(["/classify", "/classify_batch"])
-    assert skip.url_disabled("http://127.0.0.1:3000/classify")
-    assert skip.url_disabled("http://h/classify_batch?x=1")
-    assert skip.url_disabled("http://h/private")  # the configured exclusions stay
-    assert not skip.url_disabled("http://h/metadata")
-    assert not skip.url_disabled("http://h/classifyx")
+    skip = UnexportedRoutes()
+    for url in ("http://127.0.0.1:3000/classify", "http://h/classify_batch?x=1", "http://h/livez", "http://h/nope"):
+        assert skip.url_disabled(url)
 
     tracing_config.exporter_type.set("otlp")
-    traced = UnexportedRoutes(["/classify", "/classify_batch"])
+    traced = UnexportedRoutes()
     assert not traced.url_disabled("http://127.0.0.1:3000/classify")
-    assert traced.url_disabled("http://h/private")
+    assert not traced.url_disabled("http://h/livez")
+    assert traced.url_disabled("http://h/private")  # the configured exclusions stay
 
 
 def test_request_id_is_the_span_id_when_there_is_one() -> None:
@@ -237,3 +237,143 @@ def test_auto_workers_serve(store: Store, server_factory: Any) -> None:
     assert classify(server, _jpeg(1)).status_code == 200
     assert len(server.workers) == expected
     assert "SERVE_WORKERS=auto:" in server.output()
+
+
+# --- the plain multipart fast path ------------------------------------------------------------------
+
+def _starlette_form(content_type: str, body: bytes, max_files: int) -> Any:
+    from starlette.datastructures import Headers
+    from starlette.formparsers import MultiPartParser
+
+    async def stream() -> Any:
+        yield body
+
+    async def go() -> Any:
+        return await MultiPartParser(Headers({"content-type": content_type}), stream(), max_files=max_files,
+                                     max_fields=8).parse()
+
+    return asyncio.run(go())
+
+
+def _form_view(form: Any) -> list[tuple[str, str | None, list[tuple[bytes, bytes]], bytes, int | None]]:
+    return [(name, value.filename, value.headers.raw, value.file.read(), value.size) for name, value in form.multi_items()]
+
+
+def _client_body(files: list[tuple[str, tuple[str, bytes, str]]]) -> tuple[str, bytes]:
+    request = httpx.Request("POST", "http://h/up", files=files)
+    return request.headers["content-type"], request.read()
+
+
+def _bodies() -> list[tuple[str, str, bytes, bool]]:
+    """(what, content type, body, whether the fast path must take it)."""
+    jpeg = _jpeg(1)
+    tricky = b"data\r\n--b0und not a boundary\r\n--b0undar\r\n" + jpeg
+    bodies = [("httpx, one file", *_client_body([("image", ("d.jpg", jpeg, "image/jpeg"))]), True),
+              ("httpx, three files", *_client_body([("images", (f"{i}.png", bytes([i]) * 50, "image/png"))
+                                                    for i in range(3)]), True),
+              ("httpx, UTF-8 file name", *_client_body([("image", ("héllo wörld.jpg", jpeg, "image/jpeg"))]), True),
+              ("httpx, empty file", *_client_body([("image", ("e.jpg", b"", "image/jpeg"))]), True)]
+
+    def hand(parts: list[bytes], boundary: str = "b0und", end: bytes = b"--\r\n") -> tuple[str, bytes]:
+        body = b"".join(b"--" + boundary.encode() + b"\r\n" + part + b"\r\n" for part in parts)
+        return f"multipart/form-data; boundary={boundary}", body[:-2] + b"\r\n--" + boundary.encode() + end
+
+    def part(disposition: str, data: bytes = b"xyz", extra: str = "Content-Type: image/png\r\n") -> bytes:
+        return f"Content-Disposition: {disposition}\r\n{extra}\r\n".encode() + data
+
+    plain = 'form-data; name="image"; filename="a.png"'
+    bodies += [
+        ("curl-style boundary, no final CRLF", *hand([part(plain)], boundary="-" * 24 + "a1b2c3", end=b"--"), True),
+        ("data holding boundary-like bytes", *hand([part(plain, tricky)]), False),
+        ("header without a space", *hand([part(plain, extra="Content-Type:image/png\r\n")]), False),
+        ("escaped quote in the file name", *hand([part('form-data; name="image"; filename="a\\"b.png"')]), False),
+        ("semicolon in the file name", *hand([part('form-data; name="image"; filename="a;b.png"')]), False),
+        ("a text field", *hand([part('form-data; name="image"', extra="")]), False),
+        ("filename before name", *hand([part('form-data; filename="a.png"; name="image"')]), False),
+        ("an early closing boundary", *hand([part(plain, b"x\r\n--b0und--\r\nmore")]), False),
+        ("no part headers", *hand([b"\r\nraw"]), False),
+        ("Windows path file name", *hand([part('form-data; name="image"; filename="C:\\x\\a.png"')]), False),
+    ]
+    content_type, body = _client_body([("image", ("d.jpg", jpeg, "image/jpeg"))])
+    bodies += [("charset parameter", content_type + "; charset=latin-1", body, False),
+               ("quoted boundary", content_type.replace("boundary=", 'boundary="') + '"', body, False),
+               ("truncated", content_type, body[:-10], False),
+               ("preamble", content_type, b"preamble\r\n" + body, False)]
+    return bodies
+
+
+@pytest.mark.parametrize("what,content_type,body,fast", _bodies(), ids=[b[0] for b in _bodies()])
+def test_plain_form_reads_what_starlette_reads_or_steps_aside(what: str, content_type: str, body: bytes,
+                                                            fast: bool) -> None:
+    from starlette.formparsers import MultiPartException
+
+    from serve.multipart import parse_plain_form
+
+    plain = parse_plain_form(content_type, body, max_files=3)
+    assert (plain is not None) == fast, what
+    if plain is not None:
+        assert _form_view(plain) == _form_view(_starlette_form(content_type, body, 3))
+    else:  # whatever Starlette makes of it is what the guard answers, as before
+        try:
+            _starlette_form(content_type, body, 3)
+        except MultiPartException:
+            pass
+
+
+def test_plain_form_leaves_too_many_files_to_starlette() -> None:
+    from serve.multipart import parse_plain_form
+
+    content_type, body = _client_body([("images", (f"{i}.png", b"x", "image/png")) for i in range(3)])
+    assert parse_plain_form(content_type, body, max_files=2) is None
+    assert parse_plain_form(content_type, body, max_files=3) is not None
+
+
+# --- the guard outside BentoML's tracing and timeout layers -----------------------------------------
+
+def test_guard_answers_504_when_the_handler_takes_too_long() -> None:
+    from serve.guard import BodyBudget, UploadGuard, UploadRule
+
+    reasons: list[str] = []
+
+    async def slow(files: list[UploadFile]) -> JSONResponse:
+        await asyncio.sleep(30)
+        return JSONResponse({})
+
+    guard = UploadGuard(_echo_app, rules={"/up": UploadRule("image", 1, 1 << 20)}, max_file_bytes=1 << 20,
+                        budget=BodyBudget(5, 2), direct=lambda path: slow, answer_timeout=0.2,
+                        on_reject=reasons.append)
+    response = _post(guard)
+    assert response.status_code == 504 and "0.2 seconds" in response.json()["error"]
+    assert reasons == ["answer_timeout"]
+
+
+def test_guard_moves_behind_the_metrics_middleware_unless_traced() -> None:
+    from starlette.middleware import Middleware
+
+    from serve.guard import UploadGuard
+    from serve.stack import reorder
+
+    Metrics, Tracing, Timeout, Context = (type(name, (), {}) for name in ("Metrics", "Tracing", "Timeout", "Context"))
+    Bounded = type("Bounded", (Metrics,), {})  # serve/metrics.py's subclass of BentoML's
+    bentoml_order = [Middleware(Bounded), Middleware(Tracing), Middleware(Timeout), Middleware(UploadGuard),
+                     Middleware(Context)]
+
+    def names(stack: list[Any]) -> list[str]:
+        return [entry.cls.__name__ for entry in stack]
+
+    assert names(reorder(bentoml_order, UploadGuard, Metrics, traced=False)) == \
+        ["Bounded", "UploadGuard", "Tracing", "Timeout", "Context"]
+    assert reorder(bentoml_order, UploadGuard, Metrics, traced=True) == bentoml_order
+    without_metrics = bentoml_order[1:]
+    assert names(reorder(without_metrics, UploadGuard, Metrics, traced=False)) == \
+        ["UploadGuard", "Tracing", "Timeout", "Context"]
+
+
+def test_served_stack_puts_the_guard_behind_the_metrics() -> None:
+    """The real BentoML app factory, as a worker builds it (no exporter configured)."""
+    import serve.service as service
+
+    app = service.Classifier.to_asgi(is_main=True)
+    names = [entry.cls.__name__ for entry in app.user_middleware]
+    assert names[:2] == ["BoundedTrafficMetrics", "UploadGuard"], names
+    assert names.index("UploadGuard") < names.index("OpenTelemetryMiddleware") < names.index("TimeoutMiddleware")
