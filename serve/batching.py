@@ -58,7 +58,7 @@ class AdaptiveBatcher:
             return await self._submit(rows)
         chunks = [rows[i:i + self.max_batch_size] for i in range(0, len(rows), self.max_batch_size)]
         results = await asyncio.gather(*(self._submit(chunk) for chunk in chunks))
-        return results[0] if len(results) == 1 else np.concatenate(results, axis=0)
+        return np.concatenate(results, axis=0)
 
     async def _submit(self, rows: np.ndarray) -> np.ndarray:
         loop = asyncio.get_running_loop()

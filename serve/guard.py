@@ -293,10 +293,10 @@ class UploadGuard:
         except TimeoutError:
             self.on_reject("answer_timeout")
             text = f"not able to process the request in {self.answer_timeout:g} seconds"
-            response = Response(json.dumps({"error": text}).encode(), 504, media_type="application/json")
+            return await _send_json(send, 504, json.dumps({"error": text}).encode())
         except Exception:
             logger.exception("unexpected error in %s %s", scope["method"], scope["path"])
-            response = Response(json.dumps({"error": UNEXPECTED_ERROR}).encode(), 500, media_type="application/json")
+            return await _send_json(send, 500, json.dumps({"error": UNEXPECTED_ERROR}).encode())
         await response(scope, receive, send)
 
     async def _check_form(self, headers: Headers, reader: BodyReader, rule: UploadRule) -> FormData:

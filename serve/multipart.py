@@ -25,21 +25,13 @@ import re
 from tempfile import SpooledTemporaryFile
 
 from starlette.datastructures import FormData, Headers, UploadFile
-from starlette.formparsers import MultiPartParser
+from starlette.formparsers import MultiPartParser, _user_safe_decode  # decodes names as Starlette's parser does
 
 MAX_PLAIN_BODY = 1024 * 1024
 """Larger bodies go to Starlette's parser (whose files then spill to disk as before)."""
 _CONTENT_TYPE = re.compile(r"multipart/form-data; boundary=([0-9A-Za-z'()+_,\-./:=?]{1,70})")
 _HEADER = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z\-]+): ([^\s][^\r\n]*[^\s]|[^\s])")
 _DISPOSITION = re.compile(rb'form-data; name="([^"\\;\r\n\x00]*)"; filename="([^"\\;\r\n\x00]*)"')
-
-
-def _text(raw: bytes) -> str:
-    """As Starlette decodes a name or file name (UTF-8, else Latin-1)."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return raw.decode("latin-1")
 
 
 def parse_plain_form(content_type: str, body: bytes, *, max_files: int) -> FormData | None:
@@ -83,7 +75,7 @@ def parse_plain_form(content_type: str, body: bytes, *, max_files: int) -> FormD
         file = SpooledTemporaryFile(max_size=MultiPartParser.spool_max_size)
         file.write(data)
         file.seek(0)
-        upload = UploadFile(file=file, size=len(data), filename=_text(fields.group(2)),  # type: ignore[arg-type]
+        upload = UploadFile(file=file, size=len(data), filename=_user_safe_decode(fields.group(2), "utf-8"),  # type: ignore[arg-type]
                             headers=Headers(raw=headers))
-        items.append((_text(fields.group(1)), upload))
+        items.append((_user_safe_decode(fields.group(1), "utf-8"), upload))
     return FormData(items)

@@ -16,7 +16,7 @@ import random
 from typing import Any
 
 
-class UnexportedRoutes:
+class UntracedRequests:
     """What OpenTelemetry's middleware asks (``url_disabled``) of BentoML's exclusion list:
     every URL while no exporter is configured, else the configured exclusions. Decided on the
     first request, once BentoML has loaded the service's final configuration."""
@@ -42,13 +42,13 @@ class UnexportedRoutes:
         return self._resolved is True or self._resolved.url_disabled(url)
 
 
-def skip_unexported_spans() -> UnexportedRoutes:
-    """Give BentoML's OpenTelemetry middleware an :class:`UnexportedRoutes` as its exclusion
+def skip_unexported_spans() -> UntracedRequests:
+    """Give BentoML's OpenTelemetry middleware an :class:`UntracedRequests` as its exclusion
     list; call before the ASGI app is built (the service module is imported first, in every
     worker)."""
     from bentoml._internal.configuration.containers import BentoMLContainer
 
-    exclusions = UnexportedRoutes()
+    exclusions = UntracedRequests()
     BentoMLContainer.tracing_excluded_urls.set(exclusions)
     return exclusions
 

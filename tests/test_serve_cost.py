@@ -154,16 +154,16 @@ def tracing_config() -> Any:
 
 
 def test_nothing_is_traced_without_an_exporter(tracing_config: Any) -> None:
-    from serve.tracing import UnexportedRoutes
+    from serve.tracing import UntracedRequests
 
     tracing_config.exporter_type.set(None)
     tracing_config.excluded_urls.set("/private")
-    skip = UnexportedRoutes()
+    skip = UntracedRequests()
     for url in ("http://127.0.0.1:3000/classify", "http://h/classify_batch?x=1", "http://h/livez", "http://h/nope"):
         assert skip.url_disabled(url)
 
     tracing_config.exporter_type.set("otlp")
-    traced = UnexportedRoutes()
+    traced = UntracedRequests()
     assert not traced.url_disabled("http://127.0.0.1:3000/classify")
     assert not traced.url_disabled("http://h/livez")
     assert traced.url_disabled("http://h/private")  # the configured exclusions stay
