@@ -11,7 +11,7 @@ from typing import Any, Optional
 import typer
 from typing_extensions import Annotated
 
-from .errors import UsageError
+from .errors import ParityError, UsageError
 
 app = typer.Typer(
     name="compress",
@@ -276,8 +276,6 @@ def sensitivity(run_dir: RunDir,
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     from .cli_support import run_app
-    from .export import ParityError
-
     run_app(app, "compress", argv, failures=(ParityError,))
 
 

@@ -1,10 +1,5 @@
-"""Data: find the image folder's layout, scan it (headers only, see ``scan``), split, augment, balance.
-
-Layouts accepted by ``--data``:
-- ``PATH/train/<class>/*`` with ``PATH/val/<class>/*`` (or ``PATH/test/<class>/*``);
-- ``PATH/<class>/*``: one folder, split into train/val stratified by class and seeded;
-- ``digits``: scikit-learn's 8x8 handwritten digits, upscaled, embedded so that the whole
-  pipeline runs offline on a fresh machine.
+"""Data as torch sees it: the datasets, augmentation, class balance and loaders of a run, built
+on the torch-free :mod:`compress.data_index` (layout, classes, scan, split, preprocessing).
 
 Unreadable or non-image files are skipped and reported (``skipped_files``), never a crash:
 those the scan finds, and those that only fail when decoded for training or evaluation
@@ -12,56 +7,22 @@ those the scan finds, and those that only fail when decoded for training or eval
 the list)."""
 from __future__ import annotations
 
-import os
-from collections import Counter
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset, WeightedRandomSampler, default_collate
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler, default_collate
 from torchvision import datasets, transforms
-from torchvision.datasets.folder import find_classes
 
-from .errors import UsageError
+from .data_index import (DIGITS, IMAGENET_MEAN, IMAGENET_STD, SCAN_RECORD, DataIndex, Preprocessing,  # noqa: F401
+                         choose_preprocessing, index_data)
 from .imaging import open_rgb
-from .scan import ScanRecord, scan
 
-DIGITS = "digits"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-VAL_SPLIT_NAMES = ("val", "test")
-SCAN_RECORD = "data_scan.json.gz"  # in the run directory: the scan, so that reopening reads no image
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """What a served image goes through: resize the shorter side to ``resize``, centre-crop
-    ``input_size``, scale to [0, 1], normalise. Stored in the manifest and the ONNX metadata."""
-
-    input_size: int
-    resize: int
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"input_size": self.input_size, "resize": self.resize, "mean": list(self.mean),
-                "std": list(self.std), "interpolation": "bilinear", "layout": "NCHW", "color": "RGB"}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Preprocessing":
-        return cls(int(data["input_size"]), int(data["resize"]), tuple(data["mean"]), tuple(data["std"]))
-
-    def eval_transform(self) -> Callable:
-        return transforms.Compose([
-            transforms.Resize(self.resize),
-            transforms.CenterCrop(self.input_size),
-            transforms.ToTensor(),
-            transforms.Normalize(self.mean, self.std),
-        ])
 
 
 @dataclass(frozen=True)
@@ -87,38 +48,12 @@ class Augmentation:
         return transforms.Compose(steps)
 
 
-@dataclass
-class DataBundle:
-    """The train/val datasets of a run plus what the manifest records about them."""
+@dataclass(kw_only=True)
+class DataBundle(DataIndex):
+    """A run's data: its :class:`DataIndex` and the train/val datasets built on it."""
 
-    classes: list[str]
     train: Dataset
     val: Dataset
-    train_labels: list[int]
-    val_labels: list[int]
-    preprocessing: Preprocessing
-    source: str
-    layout: str
-    skipped_files: list[dict[str, str]] = field(default_factory=list)
-    scan: ScanRecord | None = None
-
-    def summary(self) -> dict[str, Any]:
-        train_counts = Counter(self.train_labels)
-        val_counts = Counter(self.val_labels)
-        return {
-            "source": self.source,
-            "layout": self.layout,
-            "classes": self.classes,
-            "train": len(self.train_labels),
-            "val": len(self.val_labels),
-            "class_counts": {
-                "train": {c: train_counts.get(i, 0) for i, c in enumerate(self.classes)},
-                "val": {c: val_counts.get(i, 0) for i, c in enumerate(self.classes)},
-            },
-            "skipped_files": self.skipped_files,
-            "input_size": self.preprocessing.input_size,
-            **({"scan": {**self.scan.stats, "record": SCAN_RECORD}} if self.scan is not None else {}),
-        }
 
 
 class DecodeFailure(NamedTuple):
@@ -201,78 +136,6 @@ class ArrayImageDataset(Dataset):
         return self.transform(Image.fromarray(self.images[index], mode="RGB")), self.labels[index]
 
 
-def choose_preprocessing(sizes: Sequence[tuple[int, int]], input_size: int | None) -> Preprocessing:
-    """Small images (CIFAR-like, <= 64 px) are trained at 32 px, larger ones at ImageNet's
-    224 px with the usual 256 -> 224 centre crop; ``--input-size`` overrides."""
-    if input_size is None:
-        median_side = float(np.median([min(w, h) for w, h in sizes])) if sizes else 224.0
-        input_size = 32 if median_side <= 64 else 224
-    if input_size < 16:
-        raise UsageError(f"--input-size {input_size} is too small (minimum 16)")
-    resize = input_size if input_size <= 64 else round(input_size * 256 / 224)
-    return Preprocessing(input_size=input_size, resize=resize)
-
-
-def _stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    from sklearn.model_selection import train_test_split
-
-    indices = np.arange(len(labels))
-    try:
-        train_idx, val_idx = train_test_split(indices, test_size=val_fraction, random_state=seed,
-                                              stratify=np.asarray(labels))
-    except ValueError as exc:
-        raise UsageError(f"cannot split the data into train/val: {exc}") from None
-    return sorted(train_idx.tolist()), sorted(val_idx.tolist())
-
-
-def _check_counts(classes: Sequence[str], labels: Sequence[int], split: str, minimum: int) -> None:
-    counts = Counter(labels)
-    for index, name in enumerate(classes):
-        if counts.get(index, 0) < minimum:
-            raise UsageError(
-                f"class '{name}' has {counts.get(index, 0)} readable image(s) in {split}; at least {minimum} needed")
-
-
-def _load_digits(augment: Augmentation, val_fraction: float, seed: int, input_size: int | None) -> DataBundle:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    grey = np.clip(digits.images * (255.0 / 16.0), 0, 255).astype(np.uint8)  # (N, 8, 8), values 0..16
-    rgb = np.repeat(grey[..., None], 3, axis=-1)
-    labels = digits.target.tolist()
-    classes = [str(c) for c in range(10)]
-    pre = choose_preprocessing([(8, 8)], input_size)
-    train_idx, val_idx = _stratified_split(labels, val_fraction, seed)
-    train = ArrayImageDataset(rgb[train_idx], [labels[i] for i in train_idx], augment.train_transform(pre))
-    val = ArrayImageDataset(rgb[val_idx], [labels[i] for i in val_idx], pre.eval_transform())
-    return DataBundle(classes, train, val, train.labels, val.labels, pre, DIGITS, "embedded")
-
-
-def _find_classes(folder: Path) -> list[str]:
-    try:
-        return find_classes(str(folder))[0]
-    except FileNotFoundError:
-        return []
-
-
-def _scan_folder(root: Path, splits: dict[str, Path], classes: list[str], record_path: Path | None) -> ScanRecord:
-    """Scan the class folders of every split, reusing the record at ``record_path`` (a run's
-    earlier scan) for the files that have not changed since."""
-    previous = ScanRecord.load(record_path) if record_path is not None and record_path.is_file() else None
-    if previous is not None and previous.root != str(root):
-        previous = None  # another folder: nothing to reuse
-    return scan(root, [folder / name for folder in splits.values() for name in classes], previous)
-
-
-def _samples(root: Path, record: ScanRecord, classes: list[str], split_prefix: str) -> list[tuple[str, int]]:
-    """(absolute path, label) of the readable files of one split, in ImageFolder's order."""
-    index = {name: i for i, name in enumerate(classes)}
-    base = os.path.join(str(root), "")
-    prefix = f"{split_prefix}/" if split_prefix else ""
-    return [(base + path, index[path[len(prefix):].split("/", 1)[0]])
-            for path in record.headers if path.startswith(prefix)]
-
-
 def load_data(
     data: str,
     *,
@@ -283,55 +146,21 @@ def load_data(
     min_images_per_class: int = 2,
     scan_record: Path | None = None,
 ) -> DataBundle:
-    """Resolve ``--data`` into train/val datasets, or raise :class:`UsageError` saying why not.
-
-    ``scan_record``: a run's stored scan (``SCAN_RECORD``); what it knows about unchanged files
-    is reused. The bundle's ``scan`` is the (new or reused) record, for the caller to store."""
-    if data == DIGITS:
-        return _load_digits(augment, val_fraction, seed, input_size)
-    root = Path(data).expanduser()
-    if not root.exists():
-        raise UsageError(f"--data {data}: no such folder")
-    if not root.is_dir():
-        raise UsageError(f"--data {data}: not a folder (expected PATH/<class>/* or PATH/train + PATH/val)")
-    root = root.resolve()
-    if (root / "train").is_dir():
-        val_root = next((root / n for n in VAL_SPLIT_NAMES if (root / n).is_dir()), None)
-        if val_root is None:
-            raise UsageError(f"{root} has train/ but no val/ or test/ folder next to it")
-        classes, val_classes = _find_classes(root / "train"), _find_classes(val_root)
-        if not classes:
-            raise UsageError(f"no class folders in {root / 'train'}")
-        if classes != val_classes:
-            missing = sorted(set(classes) ^ set(val_classes))
-            raise UsageError(f"train/ and {val_root.name}/ have different class folders (differ in: {', '.join(missing)})")
-        record = _scan_folder(root, {"train": root / "train", "val": val_root}, classes, scan_record)
-        train_samples = _samples(root, record, classes, "train")
-        val_samples = _samples(root, record, classes, val_root.name)
-        train_labels, val_labels = [t for _, t in train_samples], [t for _, t in val_samples]
-        _check_counts(classes, train_labels, "train", max(1, min_images_per_class - 1))
-        _check_counts(classes, val_labels, val_root.name, 1)
-        pre = choose_preprocessing(record.sizes(), input_size)
-        train = ScannedImageFolder(root / "train", classes, train_samples, augment.train_transform(pre), draft=pre.resize)
-        val = ScannedImageFolder(val_root, classes, val_samples, pre.eval_transform())
-        return DataBundle(classes, train, val, train_labels, val_labels, pre, str(root), f"train+{val_root.name}",
-                          record.skipped_list(), record)
-    classes = _find_classes(root)
-    if not classes:
-        raise UsageError(f"no class folders in {root} (expected PATH/<class>/* or PATH/train + PATH/val)")
-    if len(classes) < 2:
-        raise UsageError(f"{root} has only one class folder ('{classes[0]}'); a classifier needs at least 2")
-    record = _scan_folder(root, {"all": root}, classes, scan_record)
-    samples = _samples(root, record, classes, "")
-    labels = [t for _, t in samples]
-    _check_counts(classes, labels, str(root), min_images_per_class)
-    pre = choose_preprocessing(record.sizes(), input_size)
-    train_idx, val_idx = _stratified_split(labels, val_fraction, seed)
-    train_view = ScannedImageFolder(root, classes, samples, augment.train_transform(pre), draft=pre.resize)
-    val_view = ScannedImageFolder(root, classes, samples, pre.eval_transform())
-    train, val = Subset(train_view, train_idx), Subset(val_view, val_idx)
-    return DataBundle(classes, train, val, [labels[i] for i in train_idx], [labels[i] for i in val_idx], pre,
-                      str(root), "split", record.skipped_list(), record)
+    """Resolve ``--data`` into train/val datasets (see :func:`data_index.index_data` for the
+    layouts, the split and ``scan_record``), or raise ``UsageError`` saying why not."""
+    index = index_data(data, val_fraction=val_fraction, seed=seed, input_size=input_size,
+                       min_images_per_class=min_images_per_class, scan_record=scan_record)
+    pre = index.preprocessing
+    train_transform, eval_transform = augment.train_transform(pre), pre.eval_transform()
+    if index.arrays is not None:
+        train: Dataset = ArrayImageDataset(index.arrays[0], index.train_labels, train_transform)
+        val: Dataset = ArrayImageDataset(index.arrays[1], index.val_labels, eval_transform)
+    else:
+        assert index.train_root is not None and index.val_root is not None
+        train = ScannedImageFolder(index.train_root, index.classes, index.train_samples, train_transform,
+                                   draft=pre.resize)
+        val = ScannedImageFolder(index.val_root, index.classes, index.val_samples, eval_transform)
+    return DataBundle(**{f.name: getattr(index, f.name) for f in dataclasses.fields(DataIndex)}, train=train, val=val)
 
 
 def class_weights(labels: Sequence[int], num_classes: int) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 Classes, images per class and split, the imbalance ratio, the files that would be skipped and
 why, image size statistics, and the input size a run would choose; from the same scan a run
-makes (headers only), so it is cheap on large folders."""
+makes (headers only), so it is cheap on large folders; torch-free (``data_index``)."""
 from __future__ import annotations
 
 from collections import Counter
@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .data import Augmentation, DataBundle, load_data
+from .data_index import DataIndex, index_data
 
 
 def _stats(values: list[int]) -> dict[str, float]:
@@ -21,7 +21,7 @@ def _stats(values: list[int]) -> dict[str, float]:
             "mean": round(float(array.mean()), 1)}
 
 
-def describe(bundle: DataBundle) -> dict[str, Any]:
+def describe(bundle: DataIndex) -> dict[str, Any]:
     """The data set's description as a JSON-ready dict (what ``--json`` prints)."""
     summary = bundle.summary()
     train_counts = summary["class_counts"]["train"]
@@ -84,5 +84,4 @@ def format_text(info: dict[str, Any], *, max_skipped: int = 20) -> str:
 
 
 def inspect(data: str, *, val_fraction: float = 0.2, seed: int = 0, input_size: int | None = None) -> dict[str, Any]:
-    return describe(load_data(data, augment=Augmentation(), val_fraction=val_fraction, seed=seed,
-                              input_size=input_size))
+    return describe(index_data(data, val_fraction=val_fraction, seed=seed, input_size=input_size))

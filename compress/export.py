@@ -17,15 +17,12 @@ import torch
 from torch import nn
 
 from .models import example_input
+from .errors import ParityError
 from .rundir import atomic_write_with
 from .runtime.sessions import OrtModel, SessionSettings
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
-
-
-class ParityError(RuntimeError):
-    """ONNX Runtime disagrees with PyTorch beyond the tolerance: the export is wrong."""
 
 
 def export_onnx(model: nn.Module, path: Path, *, input_size: int, metadata: dict[str, Any], opset: int = 18) -> None:

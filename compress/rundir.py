@@ -1,4 +1,5 @@
-"""The run directory: atomic file writes, the manifest, and safe checkpoint I/O.
+"""The run directory: atomic file writes, the manifest, and safe checkpoint I/O (torch imported
+only there, so commands that need no model can use the rest).
 
 Every file a run produces goes through :func:`atomic_write_bytes` (temp file in the same
 folder, fsync, rename) so that a run killed at any moment leaves either the old file or the
@@ -11,8 +12,6 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
-
-import torch
 
 from .errors import UsageError
 
@@ -83,6 +82,8 @@ def _json_default(obj: Any) -> Any:
 
 def save_torch(path: Path, obj: Any) -> None:
     """``torch.save`` through an in-memory buffer and an atomic rename."""
+    import torch
+
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write_bytes(path, buffer.getvalue())
@@ -91,6 +92,8 @@ def save_torch(path: Path, obj: Any) -> None:
 def load_torch_safely(path: Path, *, trust_pickle: bool = False) -> Any:
     """Load a torch file with ``weights_only=True`` (tensors and plain containers only), so a
     checkpoint from somewhere else cannot run code; ``trust_pickle`` is the explicit opt-in."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"checkpoint not found: {path}")

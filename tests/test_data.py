@@ -79,10 +79,11 @@ def test_single_folder_split_is_stratified_and_seeded(tmp_path: Path) -> None:
     again = load_data(str(root), augment=AUG, seed=3)
     other = load_data(str(root), augment=AUG, seed=4)
     assert first.layout == "split"
-    assert first.val_labels == again.val_labels and first.val.indices == again.val.indices
-    assert first.val.indices != other.val.indices
+    assert first.val_labels == again.val_labels and first.val_samples == again.val_samples
+    assert first.val_samples != other.val_samples
     assert Counter(first.val_labels) == {0: 2, 1: 2, 2: 2}
-    assert set(first.train.indices).isdisjoint(first.val.indices)
+    assert {p for p, _ in first.train_samples}.isdisjoint(p for p, _ in first.val_samples)
+    assert [first.val[i][1] for i in range(len(first.val))] == first.val_labels  # the datasets follow the split
 
 
 def test_train_val_layout_and_test_folder(tmp_path: Path) -> None:
@@ -211,7 +212,7 @@ def test_header_scan_finds_what_decoding_every_file_found(tmp_path: Path) -> Non
     root = _odd_folder(tmp_path)
     old_samples, old_skipped = _old_decode_scan(root)
     bundle = load_data(str(root), augment=AUG, seed=0)
-    new_samples = sorted(bundle.train.dataset.samples)
+    new_samples = sorted(bundle.train_samples + bundle.val_samples)
     assert new_samples == sorted(old_samples)
     assert {e["path"]: e["reason"] for e in bundle.skipped_files} == old_skipped
     assert {"cat/truncated.jpg", "dog/truncated.png", "cat/notes.jpg", "owl/empty.png", "owl/readme.txt"} == set(old_skipped)
@@ -220,7 +221,7 @@ def test_header_scan_finds_what_decoding_every_file_found(tmp_path: Path) -> Non
     (big / "cat" / "bad.png").write_bytes((big / "dog" / "0.png").read_bytes()[:40])
     old_samples, old_skipped = _old_decode_scan(big)
     bundle = load_data(str(big), augment=AUG, seed=0)
-    assert sorted(bundle.train.dataset.samples) == sorted(old_samples)
+    assert sorted(bundle.train_samples + bundle.val_samples) == sorted(old_samples)
     assert {e["path"]: e["reason"] for e in bundle.skipped_files} == old_skipped == {"cat/bad.png": old_skipped["cat/bad.png"]}
     assert bundle.scan.stats["headers_read"] == 361
 
@@ -273,7 +274,7 @@ def test_a_changed_folder_is_noticed_and_only_changed_files_are_read(tmp_path: P
     assert second.scan.stats["removed"] == 1
     assert len(second.train_labels) + len(second.val_labels) == 17
     assert [e["path"] for e in second.skipped_files] == ["owl/2.png"]
-    assert not any(p.endswith("cat/0.png") for p, _ in second.train.dataset.samples)
+    assert not any(p.endswith("cat/0.png") for p, _ in second.train_samples + second.val_samples)
 
 
 def test_a_file_that_fails_to_decode_is_left_out_of_its_batch(tmp_path: Path) -> None:
@@ -283,7 +284,7 @@ def test_a_file_that_fails_to_decode_is_left_out_of_its_batch(tmp_path: Path) ->
     (root / "dog" / "damaged.jpg").write_bytes(_damaged_jpeg((root / "dog" / "0.jpg").read_bytes()))
     bundle = load_data(str(root), augment=AUG, seed=0, val_fraction=0.25)
     assert bundle.skipped_files == []  # the header scan cannot see this damage
-    dataset = bundle.train.dataset
+    dataset = bundle.train if any(p.endswith("damaged.jpg") for p, _ in bundle.train_samples) else bundle.val
     index = next(i for i, (p, _) in enumerate(dataset.samples) if p.endswith("damaged.jpg"))
     assert isinstance(dataset[index], DecodeFailure)
     for workers in (0, 2):

@@ -108,12 +108,12 @@ def test_a_file_that_fails_to_decode_is_left_out_with_its_label(tmp_path: Path) 
     root = make_image_folder(tmp_path / "d", per_class=6, fmt="jpg")
     (root / "dog" / "damaged.jpg").write_bytes(_damaged_jpeg((root / "dog" / "0.jpg").read_bytes()))
     data = load_data(str(root), augment=Augmentation(), input_size=16, seed=0, val_fraction=0.3)
-    damaged = next(i for i, (p, _) in enumerate(data.train.dataset.samples) if p.endswith("damaged.jpg"))
-    in_train = damaged in data.train.indices
+    in_train = any(p.endswith("damaged.jpg") for p, _ in data.train_samples)
     train, val = device_loaders(data, Augmentation(), CPU, batch_size=4, balance="sampler", seed=0, workers=0)
     kept = (train if in_train else val)
-    expected = [data.train.dataset.targets[i] for i in (data.train if in_train else data.val).indices if i != damaged]
+    samples = data.train_samples if in_train else data.val_samples
+    expected = [label for p, label in samples if not p.endswith("damaged.jpg")]
     assert kept.labels.tolist() == expected and len(kept.images) == len(expected)
-    assert list(kept.skipped) == [data.train.dataset.samples[damaged][0]]
+    assert list(kept.skipped) == [p for p, _ in samples if p.endswith("damaged.jpg")]
     assert (val if in_train else train).skipped == {}
     assert train.sample_weights is not None and len(train.sample_weights) == len(train.labels)
