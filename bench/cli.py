@@ -200,7 +200,8 @@ def container(
     hold: Annotated[float, typer.Option(help="Seconds after SIGTERM before those requests send the rest of their body.")] = 2.0,
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default: bench-container/<timestamp>).")] = None,
 ) -> None:
-    """Image size and largest layers, `docker run` to ready, and the drain on `docker stop` with requests in flight."""
+    """Image size and largest layers, `docker create` and `docker start` to ready, and the drain on `docker stop`
+    with requests in flight."""
     from .container import docker_unavailable_reason, measure, write_report
     from .load import load_images
 
@@ -214,7 +215,8 @@ def container(
     files = write_report(doc, output_dir(out, Path("bench-container")))
     typer.echo(f"{files['report']}")
     drained = doc["drain"]
-    typer.echo(f"ready after {min(doc['start_to_ready_s']):.2f}-{max(doc['start_to_ready_s']):.2f} s; drained "
+    typer.echo(f"created in {min(doc['create_s']):.2f}-{max(doc['create_s']):.2f} s, ready "
+               f"{min(doc['start_to_ready_s']):.2f}-{max(doc['start_to_ready_s']):.2f} s after start; drained "
                f"{drained['statuses'].count(200)}/{drained['in_flight']} in {drained['stop_s']:.2f} s, exit {drained['exit_code']}")
 
 
