@@ -4,8 +4,12 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= runs/digits
+# make image RUN=DIR [STEP=K] [VARIANT=cpu|gpu] [BASE_IMAGE=NAME] [VOTING=soft|hard]
+VARIANT ?= cpu
+BASE_IMAGE ?= resnet-classifier-base:bookworm
+DEFAULT_BASE_IMAGE := resnet-classifier-base:bookworm
 
-.PHONY: demo test setup
+.PHONY: demo test setup base-image image
 
 setup: $(VENV)/.installed
 
@@ -22,3 +26,15 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# A base image from Debian packages (debootstrap + docker import) for hosts that cannot pull one
+base-image:
+	deploy/base-image.sh $(BASE_IMAGE)
+
+# resnet-classifier:$(VARIANT) with the run's step (or an ensemble's members: RUN=DIR:K,DIR:K) inside
+image: setup
+	@test -n "$(RUN)" || { echo "make image: give RUN=DIR (a run directory; DIR:STEP, or several comma-separated for an ensemble)" >&2; exit 2; }
+	deploy/docker-engine.sh
+	@if [ "$(BASE_IMAGE)" = "$(DEFAULT_BASE_IMAGE)" ] && ! /usr/bin/docker image inspect $(BASE_IMAGE) >/dev/null 2>&1; then \
+		$(MAKE) --no-print-directory base-image; fi
+	$(PY) -m deploy.image --run '$(RUN)' $(if $(STEP),--step $(STEP)) --variant $(VARIANT) --base-image $(BASE_IMAGE) $(if $(VOTING),--voting $(VOTING))

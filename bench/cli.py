@@ -191,6 +191,35 @@ def serve(
                f"{best['concurrency']}; errors: {sum(level['errors'] for level in doc['levels'])}")
 
 
+@app.command()
+def container(
+    image: Annotated[str, typer.Argument(help="The image, e.g. resnet-classifier:cpu (`make image`).")],
+    images: Annotated[Path, typer.Option(help="Image file (or folder: its first image) the requests in flight send.")],
+    starts: Annotated[int, typer.Option(help="Containers started and stopped to time start-up.")] = 3,
+    in_flight: Annotated[int, typer.Option(help="Requests in flight when SIGTERM is sent.")] = 4,
+    hold: Annotated[float, typer.Option(help="Seconds after SIGTERM before those requests send the rest of their body.")] = 2.0,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: bench-container/<timestamp>).")] = None,
+) -> None:
+    """Image size and largest layers, `docker create` and `docker start` to ready, and the drain on `docker stop`
+    with requests in flight."""
+    from .container import docker_unavailable_reason, measure, write_report
+    from .load import load_images
+
+    if starts < 1 or in_flight < 0 or hold < 0:
+        raise UsageError("--starts must be >= 1, --in-flight and --hold >= 0")
+    reason = docker_unavailable_reason()
+    if reason is not None:
+        raise UsageError(reason)
+    payload = load_images(images)[0]
+    doc = measure(image, image_bytes=payload.data, starts=starts, in_flight=in_flight, hold=hold)
+    files = write_report(doc, output_dir(out, Path("bench-container")))
+    typer.echo(f"{files['report']}")
+    drained = doc["drain"]
+    typer.echo(f"created in {min(doc['create_s']):.2f}-{max(doc['create_s']):.2f} s, ready "
+               f"{min(doc['start_to_ready_s']):.2f}-{max(doc['start_to_ready_s']):.2f} s after start; drained "
+               f"{drained['statuses'].count(200)}/{drained['in_flight']} in {drained['stop_s']:.2f} s, exit {drained['exit_code']}")
+
+
 @app.command(name="serve-options")
 def serve_options(
     model: Annotated[str, typer.Argument(help="RUN_DIR[:STEP] (default step: the recommended one) or an .onnx file.")],

@@ -28,10 +28,15 @@ PREDICTION = {
     },
 }
 
+GPU = {"type": "object", "required": ["index", "id", "name"],
+       "properties": {"index": {"type": "integer", "minimum": 0, "description": "among the visible GPUs: ONNX Runtime's device_id"},
+                      "id": {"type": "string", "description": "the CUDA_VISIBLE_DEVICES entry, or NVML's index"},
+                      "name": {"type": ["string", "null"]}}}
+
 METADATA = {
     "type": "object",
     "required": ["model", "models", "classes", "voting", "providers", "precisions", "runtime", "onnxruntime",
-                 "input_sizes", "limits", "batching"],
+                 "input_sizes", "limits", "batching", "worker", "workers"],
     "properties": {
         "model": {"type": "string"},
         "models": {"type": "array", "items": {"type": "object", "required": ["tag", "input_size"]}},
@@ -50,6 +55,13 @@ METADATA = {
         "input_sizes": {"type": "array", "items": {"type": "integer"}},
         "limits": {"type": "object"},
         "batching": {"type": "object"},
+        "worker": {"type": "object", "required": ["index", "pid", "gpu"],
+                   "properties": {"index": {"type": ["integer", "null"], "minimum": 1}, "pid": {"type": "integer"},
+                                  "gpu": {"oneOf": [{"type": "null"}, GPU]}},
+                   "description": "The worker that answered and the GPU it serves (serve/devices.py)"},
+        "workers": {"type": "array", "items": {"type": "object", "required": ["worker", "gpu"],
+                    "properties": {"worker": {"type": "integer", "minimum": 1}, "gpu": {"oneOf": [{"type": "null"}, GPU]}}},
+                    "description": "Every worker's GPU: worker i serves visible GPU (i - 1) mod N"},
     },
 }
 

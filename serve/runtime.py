@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +106,10 @@ class RuntimeOptions:
     def from_settings(cls, settings: Settings) -> RuntimeOptions:
         return cls(settings.provider, settings.precision, settings.threads, settings.model_threads, settings.sessions,
                    settings.batch_shapes, settings.max_batch_size, settings.cuda_options())
+
+    def on_gpu(self, device_id: int) -> RuntimeOptions:
+        """These options with the CUDA provider on visible GPU ``device_id`` (``serve/devices.py``)."""
+        return replace(self, cuda_options={**self.cuda_options, "device_id": str(device_id)})
 
     def shapes_on(self, provider: str) -> str:
         if self.batch_shapes != "auto":

@@ -30,12 +30,12 @@ from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.responses import JSONResponse
 
-from serve import metrics, openapi, stack, tracing, workers
+from serve import devices, metrics, openapi, stack, tracing, workers
 from serve.batching import AdaptiveBatcher
 from serve.guard import BodyBudget, UploadGuard, UploadRule
 from serve.inputs import INLINE_DECODE_PIXELS, BadInput, decode_opened, open_image
 from serve.runtime import Ensemble, ModelCard, RuntimeOptions, check_classes, load_card
-from serve.settings import AUTO, ConfigError, Settings
+from serve.settings import AUTO, PER_GPU, ConfigError, Settings
 from serve.voting import prediction
 
 logger = logging.getLogger("serve")
@@ -70,10 +70,24 @@ def _worker_plan(settings: Settings, cards: list[ModelCard]) -> workers.WorkerPl
     return workers.plan([card.file(settings.precision) for card in cards], max_pixels=settings.max_pixels)
 
 
+def _gpus(settings: Settings) -> list[devices.Gpu]:
+    """The GPUs the workers spread over: none where the models cannot run on CUDA
+    (``SERVE_PROVIDER=cpu``, or an ONNX Runtime without the CUDA provider, as in the CPU image)."""
+    if settings.provider == "cpu":
+        return []
+    import onnxruntime as ort
+
+    from compress.runtime.sessions import CUDA
+
+    return devices.visible_gpus() if CUDA in ort.get_available_providers() else []
+
+
 CARDS = _resolve_cards(SETTINGS)
 TAGS = tuple(card.tag for card in CARDS)
 WORKER_PLAN = _worker_plan(SETTINGS, CARDS)
-WORKERS = WORKER_PLAN.workers if WORKER_PLAN is not None else SETTINGS.workers
+GPUS = _gpus(SETTINGS)
+WORKERS = (WORKER_PLAN.workers if WORKER_PLAN is not None
+           else devices.default_workers(GPUS) if SETTINGS.workers == PER_GPU else SETTINGS.workers)
 
 
 def _member_tags(settings: Settings) -> tuple[str, ...]:
@@ -164,9 +178,15 @@ class Classifier:
         threading.Thread(target=self._load, args=(settings,), name="load-models", daemon=True).start()
 
     def _load(self, settings: Settings) -> None:
-        """Load and warm up the models (in the background, so that /livez answers meanwhile)."""
+        """Load and warm up the models (in the background, so that /livez answers meanwhile),
+        on this worker's GPU where there are GPUs."""
+        from bentoml._internal.context import server_context
+
+        self.worker_index = server_context.worker_index
+        self.gpu = devices.gpu_for_worker(self.worker_index, GPUS)
+        options = RuntimeOptions.from_settings(settings)
         try:
-            self.ensemble = Ensemble.load(_member_tags(settings), RuntimeOptions.from_settings(settings))
+            self.ensemble = Ensemble.load(_member_tags(settings), options.on_gpu(self.gpu.index) if self.gpu else options)
             self.warmed_sizes = self.ensemble.warm_up()
             self.batcher = AdaptiveBatcher(self._predict, max_batch_size=settings.max_batch_size,
                                            slots=settings.model_threads)
@@ -181,12 +201,11 @@ class Classifier:
             logger.exception("loading the models failed: /readyz and /livez answer 503")
             return
         self.ready = True
-        logger.info("serving %s (%s) on %s", ", ".join(tags),
+        gpu = f" (worker {self.worker_index}: GPU {self.gpu.index}, {self.gpu.id})" if self.gpu else ""
+        logger.info("serving %s (%s) on %s%s", ", ".join(tags),
                     settings.voting if len(tags) > 1 else "single model",
-                    ", ".join(sorted(set(self.ensemble.providers().values()))))
-        from bentoml._internal.context import server_context
-
-        if WORKER_PLAN is not None and server_context.worker_index in (None, 1):  # once, not per worker
+                    ", ".join(sorted(set(self.ensemble.providers().values()))), gpu)
+        if WORKER_PLAN is not None and self.worker_index in (None, 1):  # once, not per worker
             logger.info("%s", WORKER_PLAN.describe())
 
     async def __is_ready__(self) -> bool:
@@ -292,6 +311,9 @@ class Classifier:
                        "max_batch_size": self.settings.max_batch_size, "body_timeout_s": self.settings.body_timeout,
                        "body_idle_timeout_s": self.settings.body_idle_timeout},
             "batching": self.batcher.stats(),
+            # this worker's GPU (None: no GPU; "providers" says whether CUDA really runs), and every worker's
+            "worker": {"index": self.worker_index, "pid": os.getpid(), "gpu": self.gpu.to_dict() if self.gpu else None},
+            "workers": devices.worker_devices(WORKERS, GPUS),
         }
 
 

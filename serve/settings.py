@@ -20,8 +20,10 @@ in a built Bento and in its container (``docker run -e SERVE_MODELS=...``):
 - ``SERVE_BODY_IDLE_TIMEOUT``: longest pause, in seconds, while a body arrives (default 5) -> 408.
 - ``SERVE_TOP_K``: entries in ``top_k`` (default 5, at most the number of classes).
 - ``SERVE_MAX_BATCH_SIZE``: most rows in one model call of the adaptive batcher (default 64).
-- ``SERVE_WORKERS``: worker processes (default 1), each with its own sessions and batcher;
-  ``auto``: one per core, capped by memory (the rule is in ``serve/workers.py``).
+- ``SERVE_WORKERS``: worker processes, each with its own sessions and batcher: a number;
+  ``auto``: one per core, capped by memory (the rule is in ``serve/workers.py``); ``per-gpu``
+  (the default): one per visible GPU when there are several and the models may run on CUDA,
+  else 1. On a host with GPUs, worker i serves GPU (i - 1) mod N (``serve/devices.py``).
 - ``SERVE_MODEL_THREADS``: model calls one worker runs at the same time (default 1): on a GPU,
   a second call can copy its batch while the first computes.
 - ``SERVE_SESSIONS``: ``shared`` (default: one ONNX Runtime session per model, used by every
@@ -51,6 +53,9 @@ CUDNN_ALGO_SEARCH = ("heuristic", "exhaustive", "default")
 SWITCH = ("on", "off", "1", "0", "true", "false")
 AUTO = 0
 """``workers`` when ``SERVE_WORKERS=auto``: resolved once the models are known (``serve/workers.py``)."""
+PER_GPU = -1
+"""``workers`` when ``SERVE_WORKERS=per-gpu`` or unset: resolved from the visible GPUs (``serve/devices.py``)."""
+WORKER_WORDS = {"auto": AUTO, "per-gpu": PER_GPU}
 
 
 class ConfigError(RuntimeError):
@@ -99,6 +104,15 @@ def _switch(env: Mapping[str, str], name: str, *, default: bool) -> bool:
     return raw in ("on", "1", "true")
 
 
+def _workers(env: Mapping[str, str]) -> int:
+    word = env.get("SERVE_WORKERS", "").strip().lower() or "per-gpu"
+    if word in WORKER_WORDS:
+        return WORKER_WORDS[word]
+    if not word.replace("_", "").isdigit():
+        raise ConfigError(f"SERVE_WORKERS={word!r} must be a number of workers, auto or per-gpu")
+    return _int(env, "SERVE_WORKERS", 1)
+
+
 def parse_models(text: str) -> tuple[str, ...]:
     """``"a:1, b"`` -> ``("a:1", "b")``; a tag listed twice is an error (it would vote twice)."""
     tags = tuple(part.strip() for part in text.split(",") if part.strip())
@@ -125,7 +139,7 @@ class Settings:
     body_idle_timeout: float = 5.0
     top_k: int = 5
     max_batch_size: int = 64
-    workers: int = 1
+    workers: int = PER_GPU
     model_threads: int = 1
     sessions: str = "shared"
     batch_shapes: str = "auto"
@@ -150,8 +164,7 @@ class Settings:
             body_idle_timeout=_seconds(env, "SERVE_BODY_IDLE_TIMEOUT", cls.body_idle_timeout),
             top_k=_int(env, "SERVE_TOP_K", cls.top_k),
             max_batch_size=_int(env, "SERVE_MAX_BATCH_SIZE", cls.max_batch_size),
-            workers=AUTO if env.get("SERVE_WORKERS", "").strip().lower() == "auto"
-            else _int(env, "SERVE_WORKERS", cls.workers),
+            workers=_workers(env),
             model_threads=_int(env, "SERVE_MODEL_THREADS", cls.model_threads),
             sessions=_choice(env, "SERVE_SESSIONS", SESSIONS),
             batch_shapes=_choice(env, "SERVE_BATCH_SHAPES", BATCH_SHAPES),

@@ -54,6 +54,12 @@ class _Bucket:
     binding: Any          # IOBinding with both bound
 
 
+def _cuda_device_id(session: Any) -> int:
+    """The GPU the session's CUDA provider runs on (its ``device_id`` option): the buffers
+    must live there too."""
+    return int(session.get_provider_options().get("CUDAExecutionProvider", {}).get("device_id", 0))
+
+
 class BoundRunner:
     """``run(batch)`` -> the first output as a float32 host array, through IO binding."""
 
@@ -64,6 +70,7 @@ class BoundRunner:
             raise ValueError(f"device must be cpu or cuda, not {device!r}")
         self.session = session
         self.device = device
+        self.device_id = _cuda_device_id(session) if device == "cuda" else 0
         self.shapes = shapes
         self.max_batch_size = max_batch_size
         model_input, model_output = session.get_inputs()[0], session.get_outputs()[0]
@@ -118,8 +125,8 @@ class BoundRunner:
         staging = np.zeros((size, *self.sample_shape), dtype=self.input_dtype)
         output_host = np.zeros((size, self.output_width), dtype=self.output_dtype)
         if self.device == "cuda":
-            device_input = ort.OrtValue.ortvalue_from_shape_and_type(staging.shape, self.input_dtype, "cuda", 0)
-            device_output = ort.OrtValue.ortvalue_from_shape_and_type(output_host.shape, self.output_dtype, "cuda", 0)
+            device_input = ort.OrtValue.ortvalue_from_shape_and_type(staging.shape, self.input_dtype, "cuda", self.device_id)
+            device_output = ort.OrtValue.ortvalue_from_shape_and_type(output_host.shape, self.output_dtype, "cuda", self.device_id)
         else:  # host OrtValues share the numpy arrays' memory: ORT reads and writes them in place
             device_input = ort.OrtValue.ortvalue_from_numpy(staging)
             device_output = ort.OrtValue.ortvalue_from_numpy(output_host)
@@ -134,7 +141,7 @@ class BoundRunner:
             return self.session.run([self.output_name], {self.input_name: host})[0].astype(np.float32, copy=False)
         if self._exact_binding is None:
             self._exact_binding = self.session.io_binding()
-            self._exact_binding.bind_output(self.output_name, "cuda", 0)  # from ORT's arena, reused
+            self._exact_binding.bind_output(self.output_name, "cuda", self.device_id)  # from ORT's arena, reused
         binding = self._exact_binding
         binding.bind_cpu_input(self.input_name, host)  # copied into an arena buffer on the device
         self.session.run_with_iobinding(binding)
