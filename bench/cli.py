@@ -28,6 +28,8 @@ Examples:
 
   bench models runs/c10 --backends ort-cuda,torch-cuda --batch-sizes 1,64,256,1024
 
+  bench models runs/c10 --backends ort-cuda --cuda-graphs --batch-sizes 1,8,64,256,1024
+
   bench models runs/digits --backends ort-cpu --threads 1 --steps 0,3 --out /tmp/b1
 """
 
@@ -79,7 +81,7 @@ def output_dir(out: Path | None, default_parent: Path) -> Path:
 def models(
     run_dir: Annotated[Path, typer.Argument(help="A run directory made by `compress run`.")],
     backends: Annotated[str, typer.Option(help="Comma-separated: ort-cpu, ort-cuda, torch (CUDA if present, else CPU), "
-                                               "torch-cpu, torch-cuda. Backends that cannot run here are skipped, with the reason.")]
+                                               "torch-cpu, torch-cuda, torch-cuda-graphs. Backends that cannot run here are skipped, with the reason.")]
         = "ort-cpu,ort-cuda,torch",
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8,64",
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (ORT intra-op, torch); default: the libraries' own.")] = None,
@@ -91,6 +93,9 @@ def models(
     max_seconds: Annotated[float, typer.Option(help="Stop timing a (backend, batch) group after this long.")] = 8.0,
     accuracy: Annotated[bool, typer.Option("--accuracy/--no-accuracy", help="Measure validation accuracy through each backend.")] = True,
     precisions: Annotated[Optional[str], typer.Option(help="Comma-separated precision variants to measure (default: every variant the run has).")] = None,
+    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="Also time PyTorch CUDA graphs (torch-cuda-graphs: "
+                                                                    "captured once per batch size, replayed) next to "
+                                                                    "eager torch-cuda; skipped without CUDA.")] = False,
 ) -> None:
     """Latency (p50/p90/p95/p99, mean), throughput and accuracy of every step and precision variant of a run,
     per backend and batch size; speed-ups against step 0 fp32 measured interleaved in the same run."""
@@ -98,6 +103,8 @@ def models(
     from compress.runtime.precisions import parse_precisions
 
     backend_list, batch_list = parse_names(backends), parse_ints(batch_sizes, "--batch-sizes")
+    if cuda_graphs:
+        backend_list = list(dict.fromkeys([*backend_list, "torch-cuda", "torch-cuda-graphs"]))
     step_list = parse_ints(steps, "--steps", minimum=0) if steps is not None else None
     check_options(backend_list, batch_list, threads)
     if warmup < 0 or rounds < 1 or min_seconds < 0 or max_seconds <= 0:

@@ -450,3 +450,16 @@ def test_several_files_per_request_go_in_one_multipart_body_in_the_same_field() 
     assert upload.body.count(b'name="images"') == 3 and upload.headers["Content-Type"].startswith("multipart/form-data")
     assert b'filename="3.png"' in upload.body and b'filename="0.png"' in upload.body
     assert Upload.of(payloads[0], "image").body.count(b'name="image"') == 1
+
+
+@pytest.mark.skipif(cuda_available(), reason="with CUDA the graphs are measured (tests/test_gpu.py)")
+def test_models_cuda_graphs_are_skipped_with_the_reason_without_cuda(tiny_run: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(["models", str(tiny_run), "--backends", "ort-cpu", "--cuda-graphs", "--batch-sizes", "2",
+                              "--no-accuracy", "--rounds", "2", "--warmup", "1", "--min-seconds", "0",
+                              "--max-seconds", "0.3", "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert {r["backend"] for r in doc["results"]} == {"ort-cpu"}
+    skipped = {s["backend"]: s["reason"] for s in doc["skipped"]}
+    assert set(skipped) == {"torch-cuda", "torch-cuda-graphs"} and "no CUDA device" in skipped["torch-cuda-graphs"]
