@@ -178,8 +178,16 @@ def serve(
         if not is_loopback(parts.hostname or ""):
             raise UsageError("--baseline needs a service on this machine (its CPU time is read from its processes)")
         server_cpu = ServerProbe(target, parts.port or 80)
-    doc = run_sweep(target, payloads, levels, requests=requests, duration=duration, timeout=timeout, field=field,
-                    warmup=warmup, server_cpu=server_cpu, files_per_request=files_per_request)
+    from .gpu_monitor import GpuMonitor
+
+    monitor = GpuMonitor.start() if is_loopback(urlsplit(target).hostname or "") else "the service is not on this machine"
+    try:
+        doc = run_sweep(target, payloads, levels, requests=requests, duration=duration, timeout=timeout, field=field,
+                        warmup=warmup, server_cpu=server_cpu, files_per_request=files_per_request,
+                        gpu_monitor=None if isinstance(monitor, str) else monitor)
+    finally:
+        sampler = {"skipped": monitor} if isinstance(monitor, str) else monitor.stop()
+    doc["gpu_utilisation"] = sampler
     doc["images"]["source"] = str(images)
     if baseline is not None:
         mean_batch = mean_batch_size(target)
