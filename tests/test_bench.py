@@ -489,7 +489,7 @@ def test_serve_samples_gpu_utilisation_per_level_from_nvidia_smi(server: str, im
         gpu = level["gpu"]["gpus"]["0"]
         assert gpu["mean_util_pct"] == pytest.approx(50, abs=10) and gpu["max_util_pct"] == 60
         assert gpu["max_memory_mib"] == 1200
-    assert re.search(r"\| GPU (4[0-9]|5[0-9]|60)% mean utilisation \|", (out / "report.md").read_text())
+    assert re.search(r"GPU (4[0-9]|5[0-9]|60)% mean utilisation \|", (out / "report.md").read_text())
 
 
 def test_serve_without_nvidia_smi_says_gpu_utilisation_was_not_sampled(server: str, images: Path, tmp_path: Path,
