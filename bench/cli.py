@@ -320,9 +320,11 @@ def ensemble(
 CAMPAIGN_EXAMPLES = """
 Examples:
 
-  bench campaign --data ~/cifar10-jpg.tar.xz --out bench/results/h100-cifar10 --max-minutes 9   # again until 'campaign: done'
+  bench campaign --data .gpu-data/cifar10-jpg.tar.xz --out /tmp/evidence --max-minutes 7 --bundle $OUT/evidence.tar.gz
 
-  bench campaign --smoke --out /tmp/campaign-smoke          # CPU rehearsal on generated images
+  bench campaign --dry-run --data .gpu-data/cifar10-jpg.tar.xz --out /tmp/evidence      # the plan, each part's budget
+
+  bench campaign --smoke --out /tmp/campaign-smoke          # CPU rehearsal on generated images (under a minute)
 """
 
 
@@ -334,19 +336,24 @@ def campaign(
                                                       "Optional with --smoke (then images are generated).")] = None,
     smoke: Annotated[bool, typer.Option("--smoke", help="Rehearse the same parts on the CPU on a few images per class, "
                                                         "tiny epochs and sweeps.")] = False,
-    max_minutes: Annotated[float, typer.Option(help="Stop within this many minutes (a running command is stopped "
-                                                    "gracefully and resumed by the next call).")] = 9.0,
+    max_minutes: Annotated[float, typer.Option(help="The whole call ends within this many minutes: each part runs "
+                                                    "within its budget, budgets scaled down to fit.")] = 7.0,
     work: Annotated[Optional[Path], typer.Option(help="Work folder for the big files: data, run directories, ONNX "
                                                       "models, the model store (default: runs/campaign/<OUT name>).")] = None,
+    bundle: Annotated[Optional[Path], typer.Option(help="Also write FILE.tar.gz of the results folder, and evidence.md "
+                                                        "+ evidence.json beside it, after every part.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (every part, its budget, what it runs) "
+                                                            "and exit.")] = False,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Run parts that failed in an earlier call again.")] = False,
 ) -> None:
-    """The GPU evidence in resumable parts: each call runs the next part(s) within --max-minutes, writes each
-    part's results at once, and prints 'campaign: done' when nothing is left. Without CUDA only --smoke runs."""
+    """The GPU evidence in one time-boxed call: the machine and the GPU tests, CIFAR-10 training, ORT CUDA vs
+    PyTorch eager and CUDA graphs, the service on the GPU, one summary; each part within its own budget, its
+    results written the moment it finishes. Without a CUDA device only --smoke (and --dry-run) run."""
     import sys
 
-    from .campaign import check_cuda, run_campaign
+    from .campaign import cuda_status, plan_lines, run_campaign
     from .campaign_parts import parts, profile
-    from .campaign_report import write_readme
+    from .campaign_report import write_evidence
 
     if max_minutes <= 0:
         raise UsageError("--max-minutes must be > 0")
@@ -361,17 +368,32 @@ def campaign(
             raise UsageError(f"--data {data}: expected train/<class>/* and test/<class>/* (or val/) inside")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a folder")
-    if not smoke:
-        reason = check_cuda()
-        if reason is not None:
-            raise UsageError(reason)
+    if bundle is not None and not bundle.name.endswith(".tar.gz"):
+        raise UsageError(f"--bundle {bundle}: expected a .tar.gz file name")
+    settings = dict(profile(smoke))
+    cuda = None if smoke else cuda_status()
+    if dry_run:
+        for line in plan_lines(parts(), smoke=smoke, max_minutes=max_minutes, settings=settings, cuda=cuda):
+            typer.echo(line)
+        return
+    notes: list[str] = []
+    if cuda is not None:
+        device, ort = cuda
+        if device is not None:
+            raise UsageError(device)
+        if ort is not None:  # still run: torch's figures, the training and the service (on the CPU provider)
+            settings["serve_provider_override"] = "cpu"
+            notes.append(f"ONNX Runtime's CUDA provider is MISSING ({ort}): ort-cuda is skipped with that reason, "
+                         "the service runs on the CPU provider")
     work = work if work is not None else Path("runs") / "campaign" / out.resolve().name
     if work.resolve() == out.resolve() or out.resolve() in work.resolve().parents:
         raise UsageError("--work must not be inside --out: the results folder stays small")
     data_text = str(data) if data is not None else "generated"  # as given: the checkout may sit elsewhere next time
+    target = bundle.resolve() if bundle is not None else None
     code = run_campaign(parts(), out=out.resolve(), work=work.resolve(), data=data_text, smoke=smoke,
-                        max_minutes=max_minutes, settings=profile(smoke), retry_failed=retry_failed,
-                        echo=lambda line: (typer.echo(line), sys.stdout.flush()), write_readme=write_readme)
+                        max_minutes=max_minutes, settings=settings, retry_failed=retry_failed,
+                        echo=lambda line: (typer.echo(line), sys.stdout.flush()),
+                        write_evidence=lambda ctx, listing: write_evidence(ctx, listing, target), notes=notes)
     if code:
         raise typer.Exit(code)
 
