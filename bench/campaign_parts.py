@@ -387,7 +387,7 @@ def train_summary(ctx: Context, cut_off: bool) -> dict[str, Any]:
               f"{e.get('images_per_s', '-')} | {e['val_accuracy']:.4f} |" for e in epochs]]
     write_part_files(ctx, out, [f"`compress run` of {out['model']} from scratch on "
                                 f"{images.get('train', 0)} training images, data held on `{out['device']}`, "
-                                f"then 2 pruning steps with retraining, fp32 + fp16 (data ready in "
+                                f"then {len(steps) - 1} pruning step(s) with retraining, fp32 + fp16 (data ready in "
                                 f"{out['data_seconds']} s).", "", *rows])
     return out
 
