@@ -291,3 +291,26 @@ def test_pytest_result_and_progress_are_read_from_the_log(tmp_path: Path) -> Non
     log.write_text("tests/test_gpu.py::test_a PASSED [ 10%]\ntests/test_gpu.py::test_b FAILED [ 20%]\n"
                    "tests/test_serve.py::test_c[cuda] PASSED [ 30%]\ntests/test_serve.py::test_d ")
     assert pytest_progress(log) == {"passed": 2, "failed": 1}
+
+
+def test_the_archive_is_unpacked_once_into_the_work_folder(tmp_path: Path) -> None:
+    """The GPU profile's data step: cifar10-jpg.tar.xz (one top folder holding train/ and test/)
+    unpacked into the work folder, with the command recorded; a second call reuses it."""
+    from bench.campaign_parts import data_dir
+
+    make_image_folder(tmp_path / "src" / "cifar10" / "train", per_class=2, size=8, fmt="jpg")
+    make_image_folder(tmp_path / "src" / "cifar10" / "test", per_class=1, size=8, fmt="jpg")
+    archive = tmp_path / "cifar10-jpg.tar.xz"
+    with tarfile.open(archive, "w:xz") as tar:
+        tar.add(tmp_path / "src" / "cifar10", arcname="cifar10")
+    state = new_state(False, str(archive), tmp_path / "work")
+    ctx = Context(out=tmp_path / "results", work=tmp_path / "work", smoke=False, settings=_settings(),
+                  deadline=time.monotonic() + 60, state=state, echo=lambda line: None)
+    ctx.part = Part("train", "c", "train", 10, 10, run=lambda c: {})
+    folder = data_dir(ctx)
+    assert folder == (tmp_path / "work" / "data" / "cifar10").resolve()
+    assert len(list((folder / "train").rglob("*.jpg"))) == len(list((tmp_path / "src" / "cifar10" / "train").rglob("*.jpg")))
+    assert (folder / "test").is_dir() and not (tmp_path / "work" / "data" / "cifar10.partial").exists()
+    assert any(c.startswith("tar -xf") for c in ctx.part_state["commands"])
+    state.pop("data_dir")
+    assert data_dir(ctx) == folder  # already there: not unpacked again
