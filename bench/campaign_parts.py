@@ -5,7 +5,7 @@ Each part is a :class:`bench.campaign.Part`; a new part is one more entry in :fu
 function here. Every figure comes from a file a command wrote (a run's manifest, a ``bench``
 results.json, pytest's output); nothing is estimated.
 
-Profiles: ``gpu`` (CIFAR-10 on an H100/H200, about 7 minutes in one call) and ``smoke`` (the
+Profiles: ``gpu`` (CIFAR-10 on an H100/H200, at most 6.5 minutes in one call) and ``smoke`` (the
 same sequence on the CPU on a few images per class, tiny epochs and sweeps, under a minute)."""
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ GPU = {
     "train": ["--weights", "none", "--device", "cuda", "--data-on-device", "on", "--batch-size", "512",
               "--optimizer", "sgd", "--sgd-lr", "0.2", "--weight-decay", "5e-4", "--label-smoothing", "0.1",
               "--patience", "0", "--aug-rotation", "0", "--aug-color-jitter", "0", "--aug-scale-min", "0.6",
-              "--seed", "0", "--epochs", "12"],
+              "--seed", "0", "--epochs", "10"],
     "prune": ["--prune-steps", "2", "--target-macs", "0.5", "--retrain-epochs", "3", "--retrain-lr", "0.02",
               "--scope", "global", "--round-to", "8", "--distill-weight", "0.5", "--precisions", "fp32,fp16",
               "--timing-seconds", "0.5"],
@@ -657,23 +657,23 @@ def part_summary(ctx: Context) -> dict[str, Any]:
 # --- the list ---------------------------------------------------------------------------------
 def parts() -> list[Part]:
     """The evidence, in the order it runs (c before b and d: they measure its models). Budgets
-    add up to 395 s on the GPU (``--max-minutes 7`` with its 25 s reserve); the smoke's are caps for a
+    add up to 365 s on the GPU (``--max-minutes 6.5`` with its 25 s reserve); the smoke's are caps for a
     shared 2-core machine (102 s; it takes under a minute when the machine is quiet)."""
     return [
         Part("machine", "a", "the machine (nvidia-smi, versions, ORT's CUDA provider really loaded) and pytest -m gpu",
-             budget=85, smoke_budget=15, run=part_machine, partial=machine_partial,
+             budget=75, smoke_budget=15, run=part_machine, partial=machine_partial,
              plan=lambda s: "nvidia-smi; a one-conv ONNX session asked for CUDA first: session.get_providers()[0]; "
                             "python " + " ".join(s["tests"])),
         Part("train", "c", "CIFAR-10 on the GPU: resnet56 from scratch, 2 pruning steps with retraining, fp32 + fp16",
-             budget=145, smoke_budget=40, run=part_train, partial=train_partial,
+             budget=140, smoke_budget=40, run=part_train, partial=train_partial,
              plan=lambda s: "the data unpacked into the work folder; python -m compress run --data DATA --out RUN "
                             + " ".join([*s["model"]["args"], *s["train"], *s["prune"]])),
         Part("bench", "b", "ORT CUDA (IO binding, HEURISTIC) vs PyTorch eager and CUDA graphs, fp32 + fp16, batch sweep",
-             budget=85, smoke_budget=20, run=part_bench, needs=("train",),
+             budget=75, smoke_budget=20, run=part_bench, needs=("train",),
              plan=lambda s: "python -m bench models RUN --steps STEPS " + " ".join(s["bench"])
                             + ": speed-ups vs step 0 in the same run, where throughput saturates"),
         Part("service", "d", "bentoml serve with the CUDA provider, bench serve at 1, 8 and 64 connections",
-             budget=75, smoke_budget=25, run=part_service, needs=("train",),
+             budget=70, smoke_budget=25, run=part_service, needs=("train",),
              plan=lambda s: f"compress register RUN --step LAST; python -m bentoml serve (SERVE_PROVIDER="
                             f"{s['serve']['provider']}, SERVE_MAX_BATCH_SIZE={s['serve']['max_batch_size']}); "
                             f"python -m bench serve URL {' '.join(s['serve']['load'])} --baseline RUN:LAST "

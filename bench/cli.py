@@ -320,7 +320,7 @@ def ensemble(
 CAMPAIGN_EXAMPLES = """
 Examples:
 
-  bench campaign --data .gpu-data/cifar10-jpg.tar.xz --out /tmp/evidence --max-minutes 7 --bundle $OUT/evidence.tar.gz
+  bench campaign --data .gpu-data/cifar10-jpg.tar.xz --out /tmp/evidence --max-minutes 6.5 --bundle $OUT/evidence.tar.gz
 
   bench campaign --dry-run --data .gpu-data/cifar10-jpg.tar.xz --out /tmp/evidence      # the plan, each part's budget
 
@@ -337,7 +337,7 @@ def campaign(
     smoke: Annotated[bool, typer.Option("--smoke", help="Rehearse the same parts on the CPU on a few images per class, "
                                                         "tiny epochs and sweeps.")] = False,
     max_minutes: Annotated[float, typer.Option(help="The whole call ends within this many minutes: each part runs "
-                                                    "within its budget, budgets scaled down to fit.")] = 7.0,
+                                                    "within its budget, budgets scaled down to fit.")] = 6.5,
     work: Annotated[Optional[Path], typer.Option(help="Work folder for the big files: data, run directories, ONNX "
                                                       "models, the model store (default: runs/campaign/<OUT name>).")] = None,
     bundle: Annotated[Optional[Path], typer.Option(help="Also write FILE.tar.gz of the results folder, and evidence.md "
