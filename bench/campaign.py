@@ -241,11 +241,6 @@ def new_state(smoke: bool, data: str, work: Path) -> dict[str, Any]:
             "calls": []}
 
 
-def format_minutes(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 # --- the driver ------------------------------------------------------------------------------
 def cuda_status() -> tuple[str | None, str | None]:
     """(why torch has no CUDA device, why ONNX Runtime has no CUDA provider): None where it works.
