@@ -507,6 +507,7 @@ class Service:
                                         stdout=self._handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         start_new_session=True)
         self.children: set[int] = set()
+        self.grace = ctx.settings["grace_seconds"] / 2  # stopped within the call's reserve even at its end
 
     def wait_ready(self, timeout: float, deadline_left: float) -> float:
         import time
@@ -548,7 +549,7 @@ class Service:
         from .campaign import stop_process_group
 
         self._remember_children()
-        stop_process_group(self.process, 20)
+        stop_process_group(self.process, self.grace)
         for pid in self.children:  # BentoML's workers may run in process groups of their own
             try:
                 os.kill(pid, signal.SIGKILL)
