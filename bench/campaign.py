@@ -1,24 +1,27 @@
-"""``bench campaign``: the GPU evidence as a list of resumable parts, run within a deadline.
+"""``bench campaign``: the GPU evidence in ONE time-boxed call, each part with its own budget.
 
-A GPU machine is lent now and then, for calls of a few minutes, and starts bare; so the whole
-evidence is one command called again and again: each call does the next part(s) within
-``--max-minutes``, writes each part's results into the results folder the moment it finishes,
-and the next call picks up where the last one stopped. ``campaign: done`` says nothing is left.
+A GPU machine is lent for 15 minutes of device time in all (its start, every call and every idle
+wait count), so the whole evidence is one command in one device call: it runs the parts in
+order, each within its own time budget (scaled down when ``--max-minutes`` is smaller than
+their sum), and writes each part's results the moment it finishes, so a cut-off still leaves
+evidence.
 
 Design:
-- parts are data (:class:`Part`, listed in :mod:`bench.campaign_parts`): a name, what it runs,
-  the minutes it is planned to take on the GPU (and in the CPU smoke), whether an interrupted
-  run of it keeps its progress, and which earlier parts' work files it reads;
+- parts are data (:class:`Part`, listed in :mod:`bench.campaign_parts`): a name, the issue item
+  it answers, what it runs, its budget in seconds on the GPU (and in the CPU smoke), which
+  earlier parts it needs, and what it reports when its budget runs out (``partial``: e.g. the
+  tests' results so far);
 - every part runs the project's own CLIs as subprocesses (``python -m compress ...``,
   ``python -m bench ...``, ``python -m bentoml serve``), the exact commands recorded with the
-  results; at the deadline the running command gets SIGINT (``compress`` then stops after its
-  last finished epoch or step, and resumes there next call), then SIGTERM, then SIGKILL;
-- two folders: the results folder (small: JSON, Markdown, PNG, logs; meant to be copied back
-  and committed) with ``campaign.json`` (the state, written atomically after every command)
-  and ``README.md`` (the headline table, rewritten after every part: figures not measured yet
-  are named as missing); and the work folder (data, run directories, ONNX files, the model
-  store: big, never committed). A part whose work files are gone (a fresh machine) while a later
-  part still needs them is run again.
+  results; at the part's deadline the running command gets SIGINT (``compress`` then stops after
+  its last finished epoch or step), then SIGTERM, then SIGKILL, and the next part starts;
+- the results folder (small: JSON, Markdown, PNG, logs; meant to be copied back and committed)
+  holds ``campaign.json`` (the state, written atomically after every command), ``README.md``
+  and ``evidence.json`` (the summary: rewritten after every part, figures not measured named as
+  missing) and, with ``--bundle``, a ``.tar.gz`` of it all plus ``evidence.md``/``evidence.json``
+  beside it, rewritten after every part; the work folder holds data, run directories, ONNX
+  files and the model store (big, never committed). Called again on the same results folder,
+  it runs only the parts that have not finished or been cut off.
 """
 from __future__ import annotations
 
@@ -31,13 +34,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 from compress.errors import UsageError
 from compress.rundir import atomic_write_json
 
 STATE = "campaign.json"
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: one time-boxed call, parts with budgets (1: resumable calls)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -49,29 +52,32 @@ class PartFailed(Exception):
     """A command of a part failed; the message says which and where its log is."""
 
 
+class PartSkipped(Exception):
+    """A part cannot run because an earlier part left nothing for it (e.g. cut off before its
+    first model): not a failure of its own; the message says what is missing."""
+
+
 @dataclass(frozen=True)
 class Part:
     """One part of the campaign.
 
-    ``run`` does the work through :class:`Context` (commands it runs are recorded, skipped on a
-    later call once finished) and returns the part's summary: the figures the README's
-    headline table reads. ``outputs`` lists the work files later parts read (a part done on a
-    machine that has gone away is redone when a later part needs them). ``resumable``: a run
-    interrupted by the deadline keeps its progress, so the part may start with less time left
-    than planned."""
+    ``run`` does the work through :class:`Context` (commands it runs are recorded) and returns
+    the part's summary: the figures the evidence reads (``line``: one sentence of them).
+    ``budget`` / ``smoke_budget``: its seconds on the GPU / in the CPU smoke. ``partial``, when
+    the budget runs out while it runs, returns what the part got so far (its summary then)."""
 
     name: str
+    item: str  # the issue item it answers (a..e)
     title: str
-    gpu_minutes: float
-    smoke_minutes: float
+    budget: float
+    smoke_budget: float
     run: Callable[["Context"], dict[str, Any]]
-    resumable: bool = False
     needs: tuple[str, ...] = ()
-    outputs: Callable[["Context"], list[Path]] = lambda ctx: []
-    smoke_only_note: str = ""
+    partial: Callable[["Context"], dict[str, Any]] | None = None
+    plan: Callable[[dict[str, Any]], str] | None = None  # what it runs with a profile's settings, for --dry-run
 
-    def minutes(self, smoke: bool) -> float:
-        return self.smoke_minutes if smoke else self.gpu_minutes
+    def seconds(self, smoke: bool) -> float:
+        return self.smoke_budget if smoke else self.budget
 
 
 @dataclass
@@ -235,24 +241,17 @@ def new_state(smoke: bool, data: str, work: Path) -> dict[str, Any]:
             "calls": []}
 
 
-def format_minutes(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 # --- the driver ------------------------------------------------------------------------------
-def check_cuda() -> str | None:
-    """Why the full campaign cannot run here (no CUDA device, or no ORT CUDA provider), or None."""
+def cuda_status() -> tuple[str | None, str | None]:
+    """(why torch has no CUDA device, why ONNX Runtime has no CUDA provider): None where it works.
+    Without a device only --smoke runs; without ORT's provider the campaign still runs, and says so."""
     import torch
 
     if not torch.cuda.is_available():
-        return "no CUDA device: run on a GPU machine, or --smoke"
+        return "no CUDA device: run on a GPU machine, or --smoke", None
     from compress.runtime.sessions import cuda_unavailable_reason
 
-    reason = cuda_unavailable_reason()
-    if reason is not None:
-        return f"no CUDA for ONNX Runtime ({reason}): install onnxruntime-gpu, or --smoke"
-    return None
+    return None, cuda_unavailable_reason()
 
 
 def open_state(out: Path, work: Path, smoke: bool, data: str) -> dict[str, Any]:
@@ -262,8 +261,8 @@ def open_state(out: Path, work: Path, smoke: bool, data: str) -> dict[str, Any]:
         if out.is_dir() and any(p for p in out.iterdir() if not p.name.startswith(".")):
             raise UsageError(f"--out {out} exists, is not empty and holds no {STATE}: use another --out")
         return new_state(smoke, data, work)
-    if state.get("kind") != "bench-campaign":
-        raise UsageError(f"{out / STATE} is not a campaign state file")
+    if state.get("kind") != "bench-campaign" or state.get("format") != STATE_FORMAT:
+        raise UsageError(f"{out / STATE} is not a campaign state file of this version: use another --out")
     if state.get("profile") != profile:
         raise UsageError(f"{out} holds a {state.get('profile')} campaign; this call is a {profile} one: use another --out")
     if state.get("data") != data:
@@ -272,38 +271,55 @@ def open_state(out: Path, work: Path, smoke: bool, data: str) -> dict[str, Any]:
     return state
 
 
-def invalidate_lost_work(parts: Sequence[Part], ctx: Context) -> list[str]:
-    """Parts done on a machine whose work folder is gone, whose files a pending part needs:
-    marked pending again (their results stay until they are redone). Returns their names."""
-    redo: list[str] = []
-    pending = {p.name for p in parts if ctx.state["parts"].get(p.name, {}).get("status") != "done"}
-    changed = True
-    while changed:  # a redone part makes the parts it needs needed again
-        changed = False
-        needed = {n for p in parts if p.name in pending for n in p.needs}
-        for part in parts:
-            record = ctx.state["parts"].get(part.name, {})
-            if part.name in needed and record.get("status") == "done":
-                ctx.part = part
-                missing = [path for path in part.outputs(ctx) if not path.exists()]
-                if missing:
-                    record.update(status="pending", finished=[], redo_reason=f"work files missing: {missing[0]}")
-                    pending.add(part.name)
-                    redo.append(part.name)
-                    changed = True
-    ctx.part = None
-    return redo
+def budgets(parts: Sequence[Part], smoke: bool, max_minutes: float, reserve: float) -> dict[str, float]:
+    """Each part's seconds in this call: its budget, all scaled down alike when their sum does
+    not fit in ``max_minutes`` less ``reserve`` (the last writes)."""
+    total = sum(p.seconds(smoke) for p in parts)
+    scale = min(1.0, max(max_minutes * 60 - reserve, 0.0) / total) if total else 1.0
+    return {p.name: p.seconds(smoke) * scale for p in parts}
+
+
+def plan_lines(parts: Sequence[Part], *, smoke: bool, max_minutes: float, settings: dict[str, Any],
+               cuda: tuple[str | None, str | None] | None) -> list[str]:
+    """What ``--dry-run`` prints: every part with its budget, what it runs, and the total."""
+    reserve = reserve_seconds(settings, max_minutes)
+    shares = budgets(parts, smoke, max_minutes, reserve)
+    planned = sum(p.seconds(smoke) for p in parts)
+    lines = [f"campaign plan ({'smoke: CPU, tiny data' if smoke else 'gpu'}), --max-minutes {max_minutes:g} "
+             f"({max_minutes * 60:.0f} s, {reserve:.0f} s kept for the last writes):"]
+    for index, part in enumerate(parts, 1):
+        scaled = "" if abs(shares[part.name] - part.seconds(smoke)) < 0.5 else f" (planned {part.seconds(smoke):.0f} s)"
+        lines.append(f"  {index}. {part.name} [issue item {part.item}] budget {shares[part.name]:.0f} s{scaled}: "
+                     f"{part.title}")
+        if part.plan is not None:
+            lines.append(f"       {part.plan(settings)}")
+    total = sum(shares.values())
+    lines.append(f"  total {total:.0f} s of parts + {reserve:.0f} s reserve = {total + reserve:.0f} s"
+                 + (f"; the planned {planned:.0f} s were scaled to fit --max-minutes" if planned > total + 0.5 else ""))
+    if cuda is not None:
+        device, ort = cuda
+        lines.append("  this machine: " + (device or ("CUDA device present; ONNX Runtime's CUDA provider: "
+                                                      + ("loads" if ort is None else f"MISSING ({ort})"))))
+    return lines
+
+
+def reserve_seconds(settings: dict[str, Any], max_minutes: float) -> float:
+    """Seconds kept at the end of the call: a graceful stop (SIGINT, then SIGTERM, each given
+    the grace period) of the last command and the last writes end within ``max_minutes``."""
+    return min(2 * settings["grace_seconds"] + 5, 0.1 * max_minutes * 60)
 
 
 def run_campaign(parts: Sequence[Part], *, out: Path, work: Path, data: str, smoke: bool, max_minutes: float,
                  settings: dict[str, Any], retry_failed: bool = False, echo: Callable[[str], None] = print,
-                 write_readme: Callable[[Context, Sequence[Part]], None] | None = None) -> int:
-    """Run the next parts within ``max_minutes``; returns the exit code (0, or 1 when a part failed)."""
+                 write_evidence: Callable[[Context, Sequence[Part]], None] | None = None,
+                 notes: Sequence[str] = ()) -> int:
+    """Run every part not finished yet, each within its budget, in one call; after every part
+    ``write_evidence`` rewrites the summary (and the bundle). Returns the exit code: 0, or 1
+    when a part failed (a part cut off at its budget is not a failure: it reports what it got)."""
     started = time.monotonic()
-    # commands stop this much before --max-minutes, so that a graceful stop (SIGINT, then SIGTERM,
-    # each given the grace period) and the last writes still end within it
-    reserve = min(2 * settings["grace_seconds"] + 10, 0.25 * max_minutes * 60)
+    reserve = reserve_seconds(settings, max_minutes)
     deadline = started + max_minutes * 60 - reserve
+    shares = budgets(parts, smoke, max_minutes, reserve)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     state = open_state(out, work, smoke, data)
@@ -313,92 +329,84 @@ def run_campaign(parts: Sequence[Part], *, out: Path, work: Path, data: str, smo
     if smoke:
         ctx.extra_env["CUDA_VISIBLE_DEVICES"] = ""  # the rehearsal runs on the CPU even where a GPU is
     call = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "max_minutes": max_minutes, "argv": sys.argv[1:],
-            "machine": machine_info(), "parts_run": []}
+            "machine": machine_info(), "parts_run": [], "notes": list(notes),
+            "budgets": {k: round(v, 1) for k, v in shares.items()}}
     state["calls"].append(call)
     state["machine"] = call["machine"]
-    for name in invalidate_lost_work(parts, ctx):
-        echo(f"campaign: part {name} is run again: {state['parts'][name]['redo_reason']}")
-    save_state(out, state)
-    failed_now: list[str] = []
-    ran = 0
+    state["notes"] = list(notes)
+    for note in notes:
+        echo(f"campaign: {note}")
 
     def refresh() -> None:
         save_state(out, state)
-        if write_readme is not None:
-            write_readme(ctx, parts)
+        if write_evidence is not None:
+            write_evidence(ctx, parts)
 
+    refresh()
+    failed_now: list[str] = []
     for index, part in enumerate(parts, 1):
         record = state["parts"].setdefault(part.name, {"status": "pending"})
         status = record.get("status", "pending")
-        if status == "done":
-            echo(f"campaign: part {index}/{len(parts)} {part.name}: done in an earlier call")
+        label = f"campaign: part {index}/{len(parts)} {part.name}"
+        if status in ("done", "cut-off"):
+            echo(f"{label}: {status} in an earlier call")
             continue
         if status == "failed" and not retry_failed:
-            echo(f"campaign: part {index}/{len(parts)} {part.name}: failed in an earlier call ({record.get('error')}); "
-                 "--retry-failed runs it again")
+            echo(f"{label}: failed in an earlier call ({record.get('error')}); --retry-failed runs it again")
             continue
-        blocked = [n for n in part.needs if state["parts"].get(n, {}).get("status") != "done"]
+        blocked = [n for n in part.needs if state["parts"].get(n, {}).get("status") not in ("done", "cut-off")]
         if blocked:
-            echo(f"campaign: part {index}/{len(parts)} {part.name}: waits for {', '.join(blocked)}")
-            if any(state["parts"].get(n, {}).get("status") == "failed" for n in blocked):
-                continue
-            break
-        left = ctx.remaining()
-        planned = part.minutes(smoke) * 60
-        minimum = settings["min_resumable_seconds"]
-        if ran and not (left >= planned or (part.resumable and left >= minimum)):
-            echo(f"campaign: stopped before part {index}/{len(parts)} {part.name} (planned {planned / 60:.1f} min, "
-                 f"{max(left, 0) / 60:.1f} min left of --max-minutes {max_minutes:g}); run the same command again")
+            record.update(status="skipped", error=f"needs {', '.join(blocked)}, which did not finish")
+            echo(f"{label}: skipped ({record['error']})")
             refresh()
-            return 1 if failed_now else 0
-        ctx.part = part
-        record.update(status="running", calls=record.get("calls", 0) + 1)
-        record.setdefault("planned_minutes", part.minutes(smoke))
-        call["parts_run"].append(part.name)
-        echo(f"campaign: part {index}/{len(parts)} {part.name}: {part.title} (planned {planned / 60:.1f} min; "
-             f"{max(left, 0) / 60:.1f} min left)")
-        save_state(out, state)
+            continue
+        left = deadline - time.monotonic()
+        if left < 1:
+            record.update(status="pending", error=f"not started: --max-minutes {max_minutes:g} ran out")
+            echo(f"{label}: not started (--max-minutes {max_minutes:g} ran out); run the same command again")
+            refresh()
+            continue
         part_started = time.monotonic()
+        ctx.part, ctx.deadline = part, min(part_started + shares[part.name], deadline)
+        record.update(status="running", calls=record.get("calls", 0) + 1, budget_seconds=round(shares[part.name], 1))
+        record.pop("error", None)
+        call["parts_run"].append(part.name)
+        echo(f"{label}: {part.title} (budget {shares[part.name]:.0f} s)")
+        save_state(out, state)
         try:
             summary = part.run(ctx)
+            record["status"] = "done"
         except DeadlineReached:
-            record["wall_seconds"] = round(record.get("wall_seconds", 0.0) + time.monotonic() - part_started, 1)
-            record["status"] = "interrupted"
-            refresh()
-            echo(f"campaign: deadline (--max-minutes {max_minutes:g}) reached in part {part.name}; its progress is "
-                 "kept: run the same command again to continue")
-            return 1 if failed_now else 0
+            summary = part.partial(ctx) if part.partial is not None else {}
+            summary.setdefault("line", "cut off at its budget: nothing measured")
+            record["status"] = "cut-off"
+        except PartSkipped as exc:
+            summary = None
+            record.update(status="skipped", error=str(exc))
         except (PartFailed, UsageError) as exc:
-            record["wall_seconds"] = round(record.get("wall_seconds", 0.0) + time.monotonic() - part_started, 1)
+            summary = None
             record.update(status="failed", error=str(exc))
             failed_now.append(part.name)
-            refresh()
-            echo(f"campaign: part {part.name} FAILED: {exc}")
-            ran += 1
-            continue
-        record["wall_seconds"] = round(record.get("wall_seconds", 0.0) + time.monotonic() - part_started, 1)
-        record.update(status="done", summary=summary, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        record.pop("error", None)
-        record.pop("redo_reason", None)
-        ran += 1
+        record["wall_seconds"] = round(time.monotonic() - part_started, 1)
+        if summary is not None:
+            record.update(summary=summary, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         refresh()
-        echo(f"campaign: part {part.name} done in {format_minutes(record['wall_seconds'])}"
-             + (f": {summary['line']}" if summary.get("line") else ""))
-    ctx.part = None
+        if record["status"] in ("failed", "skipped"):
+            echo(f"campaign: part {part.name} {record['status'].upper()} after {record['wall_seconds']:.0f} s: "
+                 f"{record['error']}")
+        else:
+            echo(f"campaign: part {part.name} {'done' if record['status'] == 'done' else 'CUT OFF at its budget'} "
+                 f"in {record['wall_seconds']:.0f} s" + (f": {summary['line']}" if summary.get("line") else ""))
+    ctx.part, ctx.deadline = None, deadline
     refresh()
     statuses = {p.name: state["parts"].get(p.name, {}).get("status") for p in parts}
-    failed = [n for n, s in statuses.items() if s == "failed"]
-    total = sum(state["parts"].get(p.name, {}).get("wall_seconds", 0.0) for p in parts)
-    if failed:
-        echo(f"campaign: finished with {len(failed)} failed part(s): {', '.join(failed)} (see {out / 'README.md'}; "
-             "after a fix, run again with --retry-failed)")
-        return 1
-    if all(s == "done" for s in statuses.values()):
-        echo(f"campaign: done (parts' wall time {format_minutes(total)}; {out / 'README.md'})")
-        return 0
-    return 0
-
-
-def iter_parts_status(ctx: Context, parts: Sequence[Part]) -> Iterator[tuple[Part, dict[str, Any]]]:
-    for part in parts:
-        yield part, ctx.state["parts"].get(part.name, {})
+    wall = time.monotonic() - started
+    unfinished = [n for n, s in statuses.items() if s not in ("done", "cut-off")]
+    cut = [n for n, s in statuses.items() if s == "cut-off"]
+    if unfinished:
+        echo(f"campaign: finished in {wall:.0f} s with part(s) not done: "
+             + ", ".join(f"{n} ({statuses[n]})" for n in unfinished) + f" (see {out / 'README.md'})")
+    else:
+        echo(f"campaign: done in {wall:.0f} s" + (f"; cut off at their budget: {', '.join(cut)}" if cut else "")
+             + f" ({out / 'README.md'})")
+    return 1 if failed_now else 0

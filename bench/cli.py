@@ -28,6 +28,8 @@ Examples:
 
   bench models runs/c10 --backends ort-cuda,torch-cuda --batch-sizes 1,64,256,1024
 
+  bench models runs/c10 --backends ort-cuda --cuda-graphs --batch-sizes 1,8,64,256,1024
+
   bench models runs/digits --backends ort-cpu --threads 1 --steps 0,3 --out /tmp/b1
 """
 
@@ -79,7 +81,7 @@ def output_dir(out: Path | None, default_parent: Path) -> Path:
 def models(
     run_dir: Annotated[Path, typer.Argument(help="A run directory made by `compress run`.")],
     backends: Annotated[str, typer.Option(help="Comma-separated: ort-cpu, ort-cuda, torch (CUDA if present, else CPU), "
-                                               "torch-cpu, torch-cuda. Backends that cannot run here are skipped, with the reason.")]
+                                               "torch-cpu, torch-cuda, torch-cuda-graphs. Backends that cannot run here are skipped, with the reason.")]
         = "ort-cpu,ort-cuda,torch",
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8,64",
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (ORT intra-op, torch); default: the libraries' own.")] = None,
@@ -91,6 +93,9 @@ def models(
     max_seconds: Annotated[float, typer.Option(help="Stop timing a (backend, batch) group after this long.")] = 8.0,
     accuracy: Annotated[bool, typer.Option("--accuracy/--no-accuracy", help="Measure validation accuracy through each backend.")] = True,
     precisions: Annotated[Optional[str], typer.Option(help="Comma-separated precision variants to measure (default: every variant the run has).")] = None,
+    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="Also time PyTorch CUDA graphs (torch-cuda-graphs: "
+                                                                    "captured once per batch size, replayed) next to "
+                                                                    "eager torch-cuda; skipped without CUDA.")] = False,
 ) -> None:
     """Latency (p50/p90/p95/p99, mean), throughput and accuracy of every step and precision variant of a run,
     per backend and batch size; speed-ups against step 0 fp32 measured interleaved in the same run."""
@@ -98,6 +103,8 @@ def models(
     from compress.runtime.precisions import parse_precisions
 
     backend_list, batch_list = parse_names(backends), parse_ints(batch_sizes, "--batch-sizes")
+    if cuda_graphs:
+        backend_list = list(dict.fromkeys([*backend_list, "torch-cuda", "torch-cuda-graphs"]))
     step_list = parse_ints(steps, "--steps", minimum=0) if steps is not None else None
     check_options(backend_list, batch_list, threads)
     if warmup < 0 or rounds < 1 or min_seconds < 0 or max_seconds <= 0:
@@ -171,8 +178,16 @@ def serve(
         if not is_loopback(parts.hostname or ""):
             raise UsageError("--baseline needs a service on this machine (its CPU time is read from its processes)")
         server_cpu = ServerProbe(target, parts.port or 80)
-    doc = run_sweep(target, payloads, levels, requests=requests, duration=duration, timeout=timeout, field=field,
-                    warmup=warmup, server_cpu=server_cpu, files_per_request=files_per_request)
+    from .gpu_monitor import GpuMonitor
+
+    monitor = GpuMonitor.start() if is_loopback(urlsplit(target).hostname or "") else "the service is not on this machine"
+    try:
+        doc = run_sweep(target, payloads, levels, requests=requests, duration=duration, timeout=timeout, field=field,
+                        warmup=warmup, server_cpu=server_cpu, files_per_request=files_per_request,
+                        gpu_monitor=None if isinstance(monitor, str) else monitor)
+    finally:
+        sampler = {"skipped": monitor} if isinstance(monitor, str) else monitor.stop()
+    doc["gpu_utilisation"] = sampler
     doc["images"]["source"] = str(images)
     if baseline is not None:
         mean_batch = mean_batch_size(target)
@@ -305,9 +320,11 @@ def ensemble(
 CAMPAIGN_EXAMPLES = """
 Examples:
 
-  bench campaign --data ~/cifar10-jpg.tar.xz --out bench/results/h100-cifar10 --max-minutes 9   # again until 'campaign: done'
+  bench campaign --data .gpu-data/cifar10-jpg.tar.xz --out /tmp/evidence --max-minutes 6.5 --bundle $OUT/evidence.tar.gz
 
-  bench campaign --smoke --out /tmp/campaign-smoke          # CPU rehearsal on generated images
+  bench campaign --dry-run --data .gpu-data/cifar10-jpg.tar.xz --out /tmp/evidence      # the plan, each part's budget
+
+  bench campaign --smoke --out /tmp/campaign-smoke          # CPU rehearsal on generated images (under a minute)
 """
 
 
@@ -319,19 +336,24 @@ def campaign(
                                                       "Optional with --smoke (then images are generated).")] = None,
     smoke: Annotated[bool, typer.Option("--smoke", help="Rehearse the same parts on the CPU on a few images per class, "
                                                         "tiny epochs and sweeps.")] = False,
-    max_minutes: Annotated[float, typer.Option(help="Stop within this many minutes (a running command is stopped "
-                                                    "gracefully and resumed by the next call).")] = 9.0,
+    max_minutes: Annotated[float, typer.Option(help="The whole call ends within this many minutes: each part runs "
+                                                    "within its budget, budgets scaled down to fit.")] = 6.5,
     work: Annotated[Optional[Path], typer.Option(help="Work folder for the big files: data, run directories, ONNX "
                                                       "models, the model store (default: runs/campaign/<OUT name>).")] = None,
+    bundle: Annotated[Optional[Path], typer.Option(help="Also write FILE.tar.gz of the results folder, and evidence.md "
+                                                        "+ evidence.json beside it, after every part.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (every part, its budget, what it runs) "
+                                                            "and exit.")] = False,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Run parts that failed in an earlier call again.")] = False,
 ) -> None:
-    """The GPU evidence in resumable parts: each call runs the next part(s) within --max-minutes, writes each
-    part's results at once, and prints 'campaign: done' when nothing is left. Without CUDA only --smoke runs."""
+    """The GPU evidence in one time-boxed call: the machine and the GPU tests, CIFAR-10 training, ORT CUDA vs
+    PyTorch eager and CUDA graphs, the service on the GPU, one summary; each part within its own budget, its
+    results written the moment it finishes. Without a CUDA device only --smoke (and --dry-run) run."""
     import sys
 
-    from .campaign import check_cuda, run_campaign
+    from .campaign import cuda_status, plan_lines, run_campaign
     from .campaign_parts import parts, profile
-    from .campaign_report import write_readme
+    from .campaign_report import write_evidence
 
     if max_minutes <= 0:
         raise UsageError("--max-minutes must be > 0")
@@ -346,17 +368,32 @@ def campaign(
             raise UsageError(f"--data {data}: expected train/<class>/* and test/<class>/* (or val/) inside")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a folder")
-    if not smoke:
-        reason = check_cuda()
-        if reason is not None:
-            raise UsageError(reason)
+    if bundle is not None and not bundle.name.endswith(".tar.gz"):
+        raise UsageError(f"--bundle {bundle}: expected a .tar.gz file name")
+    settings = dict(profile(smoke))
+    cuda = None if smoke else cuda_status()
+    if dry_run:
+        for line in plan_lines(parts(), smoke=smoke, max_minutes=max_minutes, settings=settings, cuda=cuda):
+            typer.echo(line)
+        return
+    notes: list[str] = []
+    if cuda is not None:
+        device, ort = cuda
+        if device is not None:
+            raise UsageError(device)
+        if ort is not None:  # still run: torch's figures, the training and the service (on the CPU provider)
+            settings["serve_provider_override"] = "cpu"
+            notes.append(f"ONNX Runtime's CUDA provider is MISSING ({ort}): ort-cuda is skipped with that reason, "
+                         "the service runs on the CPU provider")
     work = work if work is not None else Path("runs") / "campaign" / out.resolve().name
     if work.resolve() == out.resolve() or out.resolve() in work.resolve().parents:
         raise UsageError("--work must not be inside --out: the results folder stays small")
     data_text = str(data) if data is not None else "generated"  # as given: the checkout may sit elsewhere next time
+    target = bundle.resolve() if bundle is not None else None
     code = run_campaign(parts(), out=out.resolve(), work=work.resolve(), data=data_text, smoke=smoke,
-                        max_minutes=max_minutes, settings=profile(smoke), retry_failed=retry_failed,
-                        echo=lambda line: (typer.echo(line), sys.stdout.flush()), write_readme=write_readme)
+                        max_minutes=max_minutes, settings=settings, retry_failed=retry_failed,
+                        echo=lambda line: (typer.echo(line), sys.stdout.flush()),
+                        write_evidence=lambda ctx, listing: write_evidence(ctx, listing, target), notes=notes)
     if code:
         raise typer.Exit(code)
 

@@ -232,13 +232,14 @@ async def _preflight(url: str, upload: Upload, timeout: float) -> None:
 def run_sweep(url: str, payloads: Sequence[Payload], concurrency: Sequence[int], *, requests: int, duration: float,
               timeout: float = 30.0, field: str = "image", warmup: int | None = None, timer: Timer = time.perf_counter,
               preflight: bool = True, server_cpu: Callable[[], float] | None = None,
-              files_per_request: int = 1) -> dict[str, Any]:
+              files_per_request: int = 1, gpu_monitor: Any = None) -> dict[str, Any]:
     """Every concurrency level in turn; returns the results document (``kind: bench-serve``).
     ``warmup`` untimed requests precede each level (default: one per worker, so connections
     are open and the service has seen the batch shape before timing). Each request body is
     encoded as multipart once, here, not per request; with ``files_per_request`` > 1 every
     request carries that many files in ``field`` (``/classify_batch``), and each level also
-    reports images/s."""
+    reports images/s. With ``gpu_monitor`` (:class:`bench.gpu_monitor.GpuMonitor`) each level
+    also gets the GPU utilisation sampled while it ran."""
     uploads = [Upload.of(group, field) for group in group_payloads(payloads, files_per_request)]
     if preflight:
         asyncio.run(_preflight(url, uploads[0], timeout))
@@ -246,10 +247,13 @@ def run_sweep(url: str, payloads: Sequence[Payload], concurrency: Sequence[int],
     machine = machine_info()
     levels = []
     for level in concurrency:
+        level_started = time.time()
         levels.append(asyncio.run(_level(url, uploads, level, requests=requests, duration=duration, timeout=timeout,
                                          warmup=level if warmup is None else warmup, timer=timer,
                                          server_cpu=server_cpu)))
         levels[-1]["images_per_s"] = levels[-1]["ok_per_s"] * files_per_request
+        if gpu_monitor is not None:  # the window includes the level's warm-up requests
+            levels[-1]["gpu"] = gpu_monitor.window(level_started, time.time())
     return {
         "kind": "bench-serve",
         "url": url,

@@ -211,10 +211,22 @@ def serve_table(doc: dict[str, Any]) -> str:
             note.append(f"spread {lat['spread']:.0%}")
         if lat and lat["samples"] < FEW_SAMPLES:
             note.append(f"few samples ({lat['samples']})")
+        if (level.get("gpu") or {}).get("samples"):
+            note.append(f"GPU {level['gpu']['mean_util_pct']:.0f}% mean utilisation")
         lines.append(f"| {level['concurrency']} | {level['requests']} | {level['ok']} | {level['error_rate']:.1%} | "
                      f"{level['requests_per_s']:.1f} | {level['ok_per_s']:.1f} | {' | '.join(cells)} | "
                      f"{_errors_text(level)} | {level.get('stopped_by', '-')} | {'; '.join(note)} |")
     return "\n".join(lines) + "\n"
+
+
+def gpu_line(doc: dict[str, Any]) -> str:
+    """How GPU utilisation was sampled (per level in the table's note), or why it was not."""
+    sampler = doc.get("gpu_utilisation") or {}
+    if "skipped" in sampler:
+        return f"GPU utilisation: not sampled ({sampler['skipped']}).\n"
+    if sampler:
+        return f"GPU utilisation: `{sampler['source']}`, {sampler['samples']} samples (per level in the note).\n"
+    return ""
 
 
 def plot_serve(doc: dict[str, Any], path: Path) -> None:
@@ -266,7 +278,7 @@ def write_serve_report(doc: dict[str, Any], out_dir: Path) -> dict[str, Path]:
              f"field `{settings['field']}`, {settings.get('files_per_request', 1)} per request.", "", f"Model(s) answering: {', '.join(models) or 'not reported'}.", "",
              busy_warning(doc) + same, "![latency and throughput vs concurrency](load.png)", "",
              "## Results", "", "Latency percentiles are those of successful (2xx) answers, measured on the client from "
-             "sending the request to reading the whole answer.", "", serve_table(doc), "## Client machine", "",
+             "sending the request to reading the whole answer.", "", serve_table(doc), gpu_line(doc), "## Client machine", "",
              machine_markdown(doc["machine"])]
     if doc.get("baseline"):
         parts += ["", "## Against the same model in-process", "", baseline_table(doc)]

@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from rich.console import Console
 
-from .backends import ONNX_BACKENDS, BackendUnavailable, Prepared, check_options, prepare
+from .backends import ONNX_BACKENDS, TORCH_CUDA_BACKENDS, BackendUnavailable, Prepared, check_options, prepare
 from .errors import UsageError
 from .hints import unaligned_convs
 from .manifest import RunManifest, StepRecord
@@ -95,7 +95,11 @@ def choose_steps(run_dir: Path, manifest: RunManifest, steps: Sequence[int] | No
 
 def _keys(backend: str, chosen: list[StepRecord], precisions: Sequence[str] | None) -> list[Key]:
     """The (step, precision) pairs a backend measures: every variant on ONNX Runtime, the
-    checkpoint (fp32) on PyTorch."""
+    checkpoint (fp32) on PyTorch, and in fp16 too on PyTorch's CUDA backends when the run has
+    that variant (the same precisions side by side)."""
+    if backend in TORCH_CUDA_BACKENDS:
+        return [(s.step, p) for s in chosen for p in ("fp32", "fp16")
+                if p in s.variants and (p == "fp32" or precisions is None or p in precisions)]
     if backend not in ONNX_BACKENDS:
         return [(s.step, "fp32") for s in chosen]
     return [(s.step, p) for s in chosen for p in s.variants if precisions is None or p in precisions]
@@ -136,7 +140,8 @@ def _prepare_all(run_dir: Path, chosen: list[StepRecord], backend: str, keys: li
             try:
                 if ((step, precision), use) not in cache:
                     cache[((step, precision), use)] = prepare(backend, onnx_path=record.variant_path(run_dir, precision),
-                                                              checkpoint=checkpoint, threads=use)
+                                                              checkpoint=checkpoint, threads=use,
+                                                              precision=precision)
                 prepared[(step, precision)] = cache[((step, precision), use)]
                 continue
             except BackendUnavailable as exc:

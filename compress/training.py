@@ -221,13 +221,15 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, sett
                                                     settings, teacher, progress, task)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            images_per_second = images / max(time.perf_counter() - epoch_started, 1e-9)
+            epoch_seconds = time.perf_counter() - epoch_started
+            images_per_second = images / max(epoch_seconds, 1e-9)
             scheduler.step()
             distributed.broadcast_buffers(model)  # every rank evaluates (and keeps) rank 0's BN statistics
             accuracy = evaluate(model, val_loader, device)
             history.append({"epoch": epoch, "phase": phase, "lr": optimizer.param_groups[0]["lr"],
                             "train_loss": train_loss, "train_accuracy": train_acc, "val_accuracy": accuracy,
-                            "train_images_per_second": round(images_per_second, 1)})
+                            "train_images_per_second": round(images_per_second, 1),
+                            "train_seconds": round(epoch_seconds, 3), "train_images": images})
             if accuracy > best_accuracy:
                 best_accuracy, best_epoch, since_best = accuracy, epoch, 0
                 best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -450,3 +452,55 @@ def test_several_files_per_request_go_in_one_multipart_body_in_the_same_field() 
     assert upload.body.count(b'name="images"') == 3 and upload.headers["Content-Type"].startswith("multipart/form-data")
     assert b'filename="3.png"' in upload.body and b'filename="0.png"' in upload.body
     assert Upload.of(payloads[0], "image").body.count(b'name="image"') == 1
+
+
+@pytest.mark.skipif(cuda_available(), reason="with CUDA the graphs are measured (tests/test_gpu.py)")
+def test_models_cuda_graphs_are_skipped_with_the_reason_without_cuda(tiny_run: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(["models", str(tiny_run), "--backends", "ort-cpu", "--cuda-graphs", "--batch-sizes", "2",
+                              "--no-accuracy", "--rounds", "2", "--warmup", "1", "--min-seconds", "0",
+                              "--max-seconds", "0.3", "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert {r["backend"] for r in doc["results"]} == {"ort-cpu"}
+    skipped = {s["backend"]: s["reason"] for s in doc["skipped"]}
+    assert set(skipped) == {"torch-cuda", "torch-cuda-graphs"} and "no CUDA device" in skipped["torch-cuda-graphs"]
+
+
+def test_serve_samples_gpu_utilisation_per_level_from_nvidia_smi(server: str, images: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A stand-in `nvidia-smi` on PATH prints what the real one prints with -lms (one CSV line per
+    GPU per interval, sometimes [N/A]); every level gets the mean and peak of its own window."""
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    fake = tools / "nvidia-smi"
+    fake.write_text("#!/bin/sh\ncase \"$*\" in *-lms=*) ;; *) exit 3;; esac\n"
+                    "while true; do echo '0, 40, 1000'; echo '0, [N/A], 1000'; echo '0, 60, 1200'; sleep 0.05; done\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tools}:{os.environ['PATH']}")
+    out = tmp_path / "serve"
+    code, _, err = run_cli(["serve", server, "--images", str(images / "ok.png"), "--concurrency", "1,2",
+                            "--requests", "400", "--duration", "0.6", "--out", str(out)], capsys)
+    assert code == 0, err
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["gpu_utilisation"]["samples"] > 0 and doc["gpu_utilisation"]["unparsed_lines"][0] == "0, [N/A], 1000"
+    for level in doc["levels"]:
+        gpu = level["gpu"]["gpus"]["0"]
+        assert gpu["mean_util_pct"] == pytest.approx(50, abs=10) and gpu["max_util_pct"] == 60
+        assert gpu["max_memory_mib"] == 1200
+    assert re.search(r"GPU (4[0-9]|5[0-9]|60)% mean utilisation \|", (out / "report.md").read_text())
+
+
+def test_serve_without_nvidia_smi_says_gpu_utilisation_was_not_sampled(server: str, images: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi there
+    out = tmp_path / "serve"
+    code, _, err = run_cli(["serve", server, "--images", str(images / "ok.png"), "--concurrency", "1", "--requests",
+                            "5", "--out", str(out)], capsys)
+    assert code == 0, err
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["gpu_utilisation"] == {"skipped": "nvidia-smi not found: GPU utilisation not sampled"}
+    assert "gpu" not in doc["levels"][0]
+    assert "GPU utilisation: not sampled (nvidia-smi not found" in (out / "report.md").read_text()

@@ -96,3 +96,26 @@ def test_bench_models_on_ort_cuda_and_torch_cuda_records_the_gpu(tiny_run: Path,
     devices = {(r["backend"], r["device"]) for r in doc["results"]}
     assert devices == {("ort-cuda", "CUDAExecutionProvider"), ("torch-cuda", "torch:cuda")}
     assert doc["machine"]["gpu"] and doc["machine"]["gpu"]["name"]
+
+
+def test_bench_models_cuda_graphs_next_to_eager_fp32_and_fp16(tiny_run: Path, tmp_path: Path) -> None:
+    """`bench models --cuda-graphs`: torch-cuda-graphs replays a captured graph per batch size;
+    its accuracy is eager's, and fp16 (half, channels_last) is measured on both torch backends."""
+    import shutil
+
+    from compress.cli import main as compress_main
+    from compress.latency import benchmark_run
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("bench"))
+    compress_main(["quantize", str(run), "--precisions", "fp16"])  # raises SystemExit on failure
+    doc = benchmark_run(run, backends=("torch-cuda", "torch-cuda-graphs"), batch_sizes=(1, 8), warmup=2, rounds=3,
+                        max_seconds=1)
+    rows = {(r["backend"], r["step"], r["precision"], r["batch"]): r for r in doc["results"]}
+    for backend in ("torch-cuda", "torch-cuda-graphs"):
+        for precision in ("fp32", "fp16"):
+            assert (backend, 1, precision, 8) in rows, sorted(rows)
+    assert rows[("torch-cuda-graphs", 0, "fp32", 8)]["device"] == "torch:cuda:graph"
+    eager, graph = rows[("torch-cuda", 1, "fp32", 8)], rows[("torch-cuda-graphs", 1, "fp32", 8)]
+    assert graph["accuracy"] == pytest.approx(eager["accuracy"], abs=0.02)
+    assert graph["latency"]["throughput"] > 0
