@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import pickle
 import re
 import struct
@@ -105,7 +104,7 @@ def read_safetensors(path: Path, where: str) -> Checkpoint:
 
     try:
         state = load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as exc:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise UsageError(f"{where}: not a readable safetensors file ({_first_line(exc)})") from None
     return Checkpoint(path, "safetensors", state)
 
@@ -206,8 +205,7 @@ def read_torchscript(path: Path, where: str) -> Checkpoint:
         with zipfile.ZipFile(path) as archive:
             data_name = next(n for n in archive.namelist() if n.count("/") == 1 and n.endswith("/data.pkl"))
             root = _ArchiveUnpickler(archive.read(data_name), archive, data_name.split("/")[0]).load()
-    except (StopIteration, KeyError, zipfile.BadZipFile, pickle.UnpicklingError, EOFError, ValueError,
-            RuntimeError, OSError) as exc:
+    except Exception as exc:  # a foreign or damaged archive: whatever the unpickler met, one line
         raise UsageError(f"{where}: a TorchScript archive whose weights cannot be read ({_first_line(exc)})") from None
     if not isinstance(root, _ScriptObject):
         raise UsageError(f"{where}: a TorchScript archive that holds no module")
