@@ -214,15 +214,13 @@ def read_torchscript(path: Path, where: str) -> Checkpoint:
     return Checkpoint(path, "torchscript", state)
 
 
-class _AttributeDict(dict):
-    """What Lightning's ``AttributeDict`` (hyper-parameters) is read as: a plain dict."""
-
-
 HARMLESS_GLOBALS: list[Any] = [
     argparse.Namespace,  # torchvision references: checkpoint["args"]
-    (_AttributeDict, "lightning.fabric.utilities.data.AttributeDict"),
-    (_AttributeDict, "pytorch_lightning.utilities.parsing.AttributeDict"),
-    (_AttributeDict, "lightning.pytorch.utilities.parsing.AttributeDict"),
+    # Lightning's hyper-parameters (``AttributeDict``, a dict subclass) are read as plain dicts
+    (dict, "lightning.fabric.utilities.data.AttributeDict"),
+    (dict, "lightning_fabric.utilities.data.AttributeDict"),  # the standalone pytorch_lightning package's
+    (dict, "pytorch_lightning.utilities.parsing.AttributeDict"),
+    (dict, "lightning.pytorch.utilities.parsing.AttributeDict"),
 ]
 
 

@@ -336,3 +336,38 @@ def test_own_checkpoints_still_import(tmp_path: Path, resnet18: nn.Module) -> No
     trusted = load_model_file(tmp_path / "pickled.pt", trust_pickle=True)
     assert trusted.checkpoint.format == "pickled-module"
     _logits_equal(trusted.model, resnet18)
+
+
+def test_lightning_hyperparameters_are_read_as_a_plain_dict(tmp_path: Path, resnet18: nn.Module, monkeypatch) -> None:
+    """Lightning pickles ``hyper_parameters`` as its ``AttributeDict``: allowed by name (read as
+    a dict) without Lightning installed, and without allowing anything else."""
+    import types
+
+    module = types.ModuleType("lightning.fabric.utilities.data")
+
+    class AttributeDict(dict):
+        pass
+
+    AttributeDict.__module__, AttributeDict.__qualname__ = module.__name__, "AttributeDict"
+    module.AttributeDict = AttributeDict
+    for name in ("lightning", "lightning.fabric", "lightning.fabric.utilities", "lightning.fabric.utilities.data"):
+        monkeypatch.setitem(sys.modules, name, module if name.endswith(".data") else types.ModuleType(name))
+    torch.save({"state_dict": {f"model.{k}": v for k, v in resnet18.state_dict().items()},
+                "hyper_parameters": AttributeDict(lr=0.1, arch="resnet18")}, tmp_path / "lightning.ckpt")
+    for name in ("lightning", "lightning.fabric", "lightning.fabric.utilities", "lightning.fabric.utilities.data"):
+        monkeypatch.delitem(sys.modules, name)
+    imported = load_model_file(tmp_path / "lightning.ckpt")
+    assert (imported.checkpoint.key, imported.checkpoint.prefix) == ("state_dict", "model.")
+    _logits_equal(imported.model, resnet18)
+
+
+def test_weights_option_reads_every_format_too(tmp_path: Path, resnet18: nn.Module) -> None:
+    """``--weights FILE`` goes through the same reader: a TorchScript file into --arch resnet18
+    with a new 5-class head (the head is replaced, the backbone kept)."""
+    from compress.models import build_model, load_weights_file
+
+    torch.jit.save(torch.jit.script(resnet18), tmp_path / "scripted.pt")
+    model = build_model("resnet18", 5)
+    assert load_weights_file(model, tmp_path / "scripted.pt", trust_pickle=False) is True
+    assert torch.equal(model.layer4[1].conv2.weight, resnet18.layer4[1].conv2.weight)
+    assert model.fc.out_features == 5
