@@ -31,6 +31,8 @@ Examples:
 
   compress run --data ~/cifar10 --out runs/c10b --model runs/c10/steps/step_00/model.pt   # reuse a fine-tuned model
 
+  compress run --data ~/flowers --out runs/mine --model lightning.ckpt --classes classes.txt   # a ResNet trained elsewhere
+
 Running the same command again on an existing --out resumes it.
 """
 
