@@ -38,7 +38,7 @@ def _load(run_dir: Path, step: int | None, precision: str) -> dict[str, Any]:
     raw, manifest, record, path, step = chosen.raw, chosen.manifest, chosen.record, chosen.path, chosen.record.step
     return {"name": f"{run_dir.name}:{step}", "run_dir": str(run_dir), "step": step, "precision": precision,
             "path": path, "classes": manifest.classes, "macs": record.macs, "params": record.params,
-            "manifest_accuracy": record.variant_accuracy(precision), "arch": manifest.config.get("arch"), "raw": raw}
+            "manifest_accuracy": record.variant_accuracy(precision), "arch": manifest.arch, "raw": raw}
 
 
 def _predict_all(model: Any, images: np.ndarray, batch: int = 256) -> np.ndarray:

@@ -31,15 +31,21 @@ Examples:
 
   compress run --data ~/cifar10 --out runs/c10b --model runs/c10/steps/step_00/model.pt   # reuse a fine-tuned model
 
+  compress run --data ~/flowers --out runs/mine --model lightning.ckpt --classes classes.txt   # a ResNet trained elsewhere
+
 Running the same command again on an existing --out resumes it.
 """
 
 # --- options shared by `run` and `finetune` ------------------------------------------------------
 Data = Annotated[Optional[str], typer.Option(help="Image folder (PATH/train + PATH/val|test, or PATH/<class>/*) or 'digits' (default).")]
 Out = Annotated[Optional[Path], typer.Option("--out", help="Run directory (default: runs/<data name>).")]
-Arch = Annotated[Optional[str], typer.Option(help="resnet18|34|50|101|152 (torchvision) or resnet20|32|56|110 (CIFAR-style).")]
+Arch = Annotated[Optional[str], typer.Option(help="resnet18|34|50|101|152 (torchvision) or resnet20|32|56|110 (CIFAR-style); default resnet18, or with --model the architecture the file holds.")]
 Weights = Annotated[Optional[str], typer.Option(help="imagenet (torchvision's, downloaded into the torch cache when missing), none, a state-dict FILE, or auto (imagenet for torchvision ResNets when cached or downloadable, else none with a warning).")]
-Model = Annotated[Optional[str], typer.Option(help="Start from this fine-tuned checkpoint and skip fine-tuning.")]
+Model = Annotated[Optional[str], typer.Option(help="Start from this trained ResNet as step 0, without training it: a state dict (.pth/.pt/.bin/.ckpt, also inside torchvision-references, Lightning, timm or DDP checkpoints), .safetensors, TorchScript, or this tool's model.pt. The architecture and widths are read from the weights.")]
+CheckpointKey = Annotated[Optional[str], typer.Option(help="The entry of a checkpoint dict that holds the weights (default: state_dict, model, state_dict_ema, model_ema, the first found).")]
+Classes = Annotated[Optional[Path], typer.Option("--classes", help="File of class names, one per line, in the order the model's outputs have them (default: the sorted folder names).")]
+Mean = Annotated[Optional[str], typer.Option(help="Per-channel mean the model was trained with, e.g. 0.4914,0.4822,0.4465 (default ImageNet's); recorded for serving.")]
+Std = Annotated[Optional[str], typer.Option(help="Per-channel std the model was trained with (default ImageNet's); recorded for serving.")]
 Stem = Annotated[Optional[str], typer.Option(help="imagenet (7x7/2 + max-pool) or cifar (3x3/1) for torchvision ResNets.")]
 InputSize = Annotated[Optional[int], typer.Option(help="Input resolution (default: 32 for small images, else 224).")]
 Epochs = Annotated[Optional[int], typer.Option(help="Fine-tuning epochs.")]
@@ -112,6 +118,7 @@ def _open(options: dict[str, Any]) -> Any:
 
 @app.command(epilog=RUN_EXAMPLES)
 def run(data: Data = None, out: Out = None, arch: Arch = None, weights: Weights = None, model: Model = None,
+        checkpoint_key: CheckpointKey = None, classes: Classes = None, mean: Mean = None, std: Std = None,
         stem: Stem = None, input_size: InputSize = None, epochs: Epochs = None, batch_size: BatchSize = None,
         optimizer: Optimizer = None, lr: Lr = None, sgd_lr: SgdLr = None, switch_epoch: SwitchEpoch = None,
         schedule: Schedule = None, weight_decay: WeightDecay = None, label_smoothing: LabelSmoothing = None,

@@ -12,6 +12,7 @@ import yaml
 
 from .data import DIGITS, Augmentation
 from .errors import UsageError
+from .models import ARCHS
 from .pruning import PruneSettings, validate_settings
 from .training import TrainSettings
 
@@ -35,9 +36,13 @@ class RunConfig:
     ``retrain_epochs``) and the keys of a ``--config`` YAML file."""
 
     data: str = DIGITS
-    arch: str = "resnet18"
+    arch: str | None = None  # default resnet18; with --model read from the file (given: checked against it)
     weights: str = "auto"  # auto = imagenet (cached or downloaded) for torchvision ResNets, else none
-    model: str | None = None  # an already fine-tuned checkpoint: skip fine-tuning
+    model: str | None = None  # an already trained model file: step 0 as it is, no training
+    checkpoint_key: str | None = None  # which entry of a checkpoint dict holds the weights (model, model_ema...)
+    classes: str | None = None  # file of class names, one per line, in the order the model was trained with
+    mean: str | None = None  # per-channel normalisation the model was trained with, "r,g,b" (default ImageNet's)
+    std: str | None = None
     stem: str = "imagenet"
     input_size: int | None = None
     val_fraction: float = 0.2
@@ -163,6 +168,39 @@ class RunConfig:
             raise UsageError(f"--precisions: {exc}") from None
         self.int8_settings().validate()
         validate_settings(self.prune_settings())
+        self.normalisation()
+        if self.arch is not None and self.arch not in ARCHS:
+            raise UsageError(f"unknown --arch {self.arch}; choose one of {', '.join(ARCHS)}")
+
+    def normalisation(self) -> dict[str, tuple[float, float, float]]:
+        """``--mean``/``--std`` as 3-tuples (only those given)."""
+        out = {}
+        for name in ("mean", "std"):
+            text = getattr(self, name)
+            if text is None:
+                continue
+            try:
+                values = tuple(float(v) for v in str(text).replace(" ", "").split(","))
+            except ValueError:
+                values = ()
+            if len(values) != 3 or (name == "std" and not all(v > 0 for v in values)):
+                raise UsageError(f"--{name} {text!r}: expected three comma-separated numbers (one per RGB channel)"
+                                 + (", all > 0" if name == "std" else ""))
+            out[name] = values
+        return out
+
+    def class_order(self) -> list[str] | None:
+        """``--classes FILE``: the class names in the order the model's outputs have them."""
+        if self.classes is None:
+            return None
+        path = Path(self.classes)
+        try:
+            names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--classes {path}: cannot read it ({type(exc).__name__})") from None
+        if not names or len(set(names)) != len(names):
+            raise UsageError(f"--classes {path}: expected one distinct class name per line")
+        return names
 
 
 def _coerce(name: str, value: Any, field_type: Any) -> Any:
@@ -211,8 +249,11 @@ def resolve_config(cli_options: dict[str, Any], config_file: Path | None) -> Run
     if unknown:
         raise UsageError(f"unknown option(s) in --config: {', '.join(unknown)}")
     values = {name: _coerce(name, value, known[name].type) for name, value in merged.items()}
-    if values.get("layer_caps"):  # recorded absolute, so a resume from another folder finds it
-        values["layer_caps"] = str(Path(values["layer_caps"]).expanduser().resolve())
+    for name in ("layer_caps", "classes"):  # recorded absolute, so a resume from another folder finds it
+        if values.get(name):
+            values[name] = str(Path(values[name]).expanduser().resolve())
+    if values.get("arch") is None and values.get("model") is None:
+        values["arch"] = "resnet18"
     config = RunConfig(**values)
     config.validate()
     return config

@@ -145,11 +145,14 @@ def load_data(
     input_size: int | None = None,
     min_images_per_class: int = 2,
     scan_record: Path | None = None,
+    normalisation: dict[str, tuple[float, float, float]] | None = None,
+    class_order: list[str] | None = None,
 ) -> DataBundle:
     """Resolve ``--data`` into train/val datasets (see :func:`data_index.index_data` for the
     layouts, the split and ``scan_record``), or raise ``UsageError`` saying why not."""
     index = index_data(data, val_fraction=val_fraction, seed=seed, input_size=input_size,
-                       min_images_per_class=min_images_per_class, scan_record=scan_record)
+                       min_images_per_class=min_images_per_class, scan_record=scan_record,
+                       normalisation=normalisation, class_order=class_order)
     pre = index.preprocessing
     train_transform, eval_transform = augment.train_transform(pre), pre.eval_transform()
     if index.arrays is not None:

@@ -99,16 +99,18 @@ class DataIndex:
         }
 
 
-def choose_preprocessing(sizes: Sequence[tuple[int, int]], input_size: int | None) -> Preprocessing:
+def choose_preprocessing(sizes: Sequence[tuple[int, int]], input_size: int | None,
+                         normalisation: dict[str, tuple[float, float, float]] | None = None) -> Preprocessing:
     """Small images (CIFAR-like, <= 64 px) are trained at 32 px, larger ones at ImageNet's
-    224 px with the usual 256 -> 224 centre crop; ``--input-size`` overrides."""
+    224 px with the usual 256 -> 224 centre crop; ``--input-size`` overrides. ``normalisation``:
+    ``--mean``/``--std`` of a model trained elsewhere (default ImageNet's)."""
     if input_size is None:
         median_side = float(np.median([min(w, h) for w, h in sizes])) if sizes else 224.0
         input_size = 32 if median_side <= 64 else 224
     if input_size < 16:
         raise UsageError(f"--input-size {input_size} is too small (minimum 16)")
     resize = input_size if input_size <= 64 else round(input_size * 256 / 224)
-    return Preprocessing(input_size=input_size, resize=resize)
+    return Preprocessing(input_size=input_size, resize=resize, **(normalisation or {}))
 
 
 def _approximate_mode(class_counts: np.ndarray, n_draws: int, rng: np.random.RandomState) -> np.ndarray:
@@ -197,16 +199,46 @@ def _samples(root: Path, record: ScanRecord, classes: list[str], split_prefix: s
             for path in record.headers if path.startswith(prefix)]
 
 
-def _index_digits(val_fraction: float, seed: int, input_size: int | None) -> DataIndex:
+DIGIT_CLASSES = [str(c) for c in range(10)]
+
+
+def ordered_classes(found: list[str], class_order: list[str] | None, where: str) -> list[str]:
+    """The class folders' names in the model's order: sorted (ImageFolder's rule), or the
+    order of ``--classes FILE``, which must name exactly the same classes."""
+    if class_order is None:
+        return found
+    if set(class_order) != set(found):
+        differ = sorted(set(class_order) ^ set(found))
+        raise UsageError(f"--classes names other classes than {where} has (differ in: {', '.join(differ[:5])})")
+    return list(class_order)
+
+
+def class_names(data: str, class_order: list[str] | None = None) -> list[str]:
+    """The classes a run on ``--data`` will have, from the folder names alone (no scan), so a
+    model whose head does not fit is refused before any image is read; empty when the folder
+    is not usable (``index_data`` then says why)."""
+    if data == DIGITS:
+        return ordered_classes(DIGIT_CLASSES, class_order, "digits")
+    root = Path(data).expanduser()
+    folder = root / "train" if (root / "train").is_dir() else root
+    found = find_classes(folder) if root.is_dir() else []
+    return ordered_classes(found, class_order, str(folder)) if found else []
+
+
+def _index_digits(val_fraction: float, seed: int, input_size: int | None,
+                  normalisation: dict[str, tuple[float, float, float]] | None,
+                  class_order: list[str] | None) -> DataIndex:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     grey = np.clip(digits.images * (255.0 / 16.0), 0, 255).astype(np.uint8)  # (N, 8, 8), values 0..16
     rgb = np.repeat(grey[..., None], 3, axis=-1)
-    labels = digits.target.tolist()
+    classes = ordered_classes(DIGIT_CLASSES, class_order, "digits")
+    labels = [classes.index(str(d)) for d in digits.target.tolist()]
     train_idx, val_idx = stratified_split(labels, val_fraction, seed)
-    return DataIndex(classes=[str(c) for c in range(10)], train_labels=[labels[i] for i in train_idx],
-                     val_labels=[labels[i] for i in val_idx], preprocessing=choose_preprocessing([(8, 8)], input_size),
+    return DataIndex(classes=classes, train_labels=[labels[i] for i in train_idx],
+                     val_labels=[labels[i] for i in val_idx],
+                     preprocessing=choose_preprocessing([(8, 8)], input_size, normalisation),
                      source=DIGITS, layout="embedded", arrays=(rgb[train_idx], rgb[val_idx]))
 
 
@@ -218,13 +250,17 @@ def index_data(
     input_size: int | None = None,
     min_images_per_class: int = 2,
     scan_record: Path | None = None,
+    normalisation: dict[str, tuple[float, float, float]] | None = None,
+    class_order: list[str] | None = None,
 ) -> DataIndex:
     """Resolve ``--data`` into its classes and splits, or raise :class:`UsageError` saying why not.
 
     ``scan_record``: a run's stored scan (``SCAN_RECORD``); what it knows about unchanged files
-    is reused. The index's ``scan`` is the (new or reused) record, for the caller to store."""
+    is reused. The index's ``scan`` is the (new or reused) record, for the caller to store.
+    ``normalisation`` (``--mean``/``--std``) and ``class_order`` (``--classes``): how a model
+    trained elsewhere expects its inputs and orders its outputs."""
     if data == DIGITS:
-        return _index_digits(val_fraction, seed, input_size)
+        return _index_digits(val_fraction, seed, input_size, normalisation, class_order)
     root = Path(data).expanduser()
     if not root.exists():
         raise UsageError(f"--data {data}: no such folder")
@@ -241,6 +277,7 @@ def index_data(
         if classes != val_classes:
             missing = sorted(set(classes) ^ set(val_classes))
             raise UsageError(f"train/ and {val_root.name}/ have different class folders (differ in: {', '.join(missing)})")
+        classes = ordered_classes(classes, class_order, str(root / "train"))
         record = _scan_folder(root, {"train": root / "train", "val": val_root}, classes, scan_record)
         train_samples = _samples(root, record, classes, "train")
         val_samples = _samples(root, record, classes, val_root.name)
@@ -248,7 +285,7 @@ def index_data(
         _check_counts(classes, train_labels, "train", max(1, min_images_per_class - 1))
         _check_counts(classes, val_labels, val_root.name, 1)
         return DataIndex(classes=classes, train_labels=train_labels, val_labels=val_labels,
-                         preprocessing=choose_preprocessing(record.sizes(), input_size), source=str(root),
+                         preprocessing=choose_preprocessing(record.sizes(), input_size, normalisation), source=str(root),
                          layout=f"train+{val_root.name}", skipped_files=record.skipped_list(), scan=record,
                          train_root=root / "train", val_root=val_root, train_samples=train_samples,
                          val_samples=val_samples)
@@ -257,6 +294,7 @@ def index_data(
         raise UsageError(f"no class folders in {root} (expected PATH/<class>/* or PATH/train + PATH/val)")
     if len(classes) < 2:
         raise UsageError(f"{root} has only one class folder ('{classes[0]}'); a classifier needs at least 2")
+    classes = ordered_classes(classes, class_order, str(root))
     record = _scan_folder(root, {"all": root}, classes, scan_record)
     samples = _samples(root, record, classes, "")
     labels = [t for _, t in samples]
@@ -264,6 +302,6 @@ def index_data(
     train_idx, val_idx = stratified_split(labels, val_fraction, seed)
     return DataIndex(classes=classes, train_labels=[labels[i] for i in train_idx],
                      val_labels=[labels[i] for i in val_idx],
-                     preprocessing=choose_preprocessing(record.sizes(), input_size), source=str(root), layout="split",
+                     preprocessing=choose_preprocessing(record.sizes(), input_size, normalisation), source=str(root), layout="split",
                      skipped_files=record.skipped_list(), scan=record, train_root=root, val_root=root,
                      train_samples=[samples[i] for i in train_idx], val_samples=[samples[i] for i in val_idx])

@@ -46,6 +46,24 @@ def export_onnx(model: nn.Module, path: Path, *, input_size: int, metadata: dict
     atomic_write_with(path, write)
 
 
+PROGRAM_FILE = "model.pt2"
+
+
+def export_program(model: nn.Module, path: Path, *, input_size: int) -> None:
+    """Write ``model`` as a ``torch.export`` program with a dynamic batch dimension: plain
+    PyTorch loads it with ``torch.export.load(path).module()``, without this package or the
+    model's Python class (the pruned widths are in the graph)."""
+    model = model.eval().cpu()
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    program = torch.export.export(model, (example_input(input_size, batch=2),), dynamic_shapes=({0: batch},))
+    atomic_write_with(path, lambda tmp: torch.export.save(program, str(tmp)))
+
+
+def load_program(path: Path) -> nn.Module:
+    """A ``model.pt2`` back as a callable module (its eval mode is part of the graph)."""
+    return torch.export.load(str(path)).module()
+
+
 def export_fp16(fp32_path: Path, fp16_path: Path) -> None:
     """An fp16 copy of an fp32 ONNX file (onnxconverter-common) whose inputs and outputs stay
     fp32, so callers feed and read it exactly like the fp32 one."""
@@ -76,11 +94,14 @@ def read_metadata(path: Path) -> dict[str, Any]:
 @torch.no_grad()
 def parity_check(model: nn.Module, onnx_path: Path, batches: Iterable[torch.Tensor], *, tolerance: float,
                  max_images: int = 512) -> dict[str, float]:
-    """Compare PyTorch (CPU, fp32) and ONNX Runtime (CPU) logits on real validation images.
+    """Compare PyTorch (CPU, fp32; a module or a loaded ``model.pt2``) and ONNX Runtime (CPU)
+    logits on real validation images.
 
     Returns ``max_abs_diff``, ``top1_agreement`` and the number of images; raises
     :class:`ParityError` when the difference exceeds ``tolerance``."""
-    model = model.eval().cpu()
+    if not isinstance(model, torch.fx.GraphModule):  # an exported program is in eval mode already
+        model = model.eval()
+    model = model.cpu()
     session = OrtModel(onnx_path, SessionSettings("cpu", threads=min(4, os.cpu_count() or 1)))
     max_diff, agree, seen = 0.0, 0, 0
     for images in batches:

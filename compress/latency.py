@@ -228,7 +228,7 @@ def benchmark_run(run_dir: Path, *, backends: Sequence[str] = ("ort-cpu", "torch
         "load_average_end": load_average(),
         "dataset": {"classes": manifest.classes, "val": manifest.raw["dataset"]["val"],
                     "source": manifest.raw["dataset"].get("source")},
-        "arch": manifest.config.get("arch"),
+        "arch": manifest.arch,
         "input_size": manifest.preprocessing.get("input_size"),
         "steps": step_summary(run_dir, chosen),
         "results": results,

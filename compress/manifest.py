@@ -95,6 +95,11 @@ class RunManifest:
         return cls(list(data["dataset"]["classes"]), dict(data.get("preprocessing") or {}), dict(data.get("config") or {}),
                    sorted((StepRecord.from_dict(s) for s in data.get("steps", [])), key=lambda s: s.step), data)
 
+    @property
+    def arch(self) -> str:
+        """The run's architecture: ``--arch``, or the one read from the ``--model`` file."""
+        return manifest_arch(self.raw)
+
     def step(self, number: int) -> StepRecord:
         found = next((s for s in self.steps if s.step == number), None)
         if found is None:
@@ -106,3 +111,10 @@ class RunManifest:
         """Every precision some step has, fp32 first."""
         found = {p for s in self.steps for p in s.variants}
         return [p for p in PRECISIONS if p in found]
+
+
+def manifest_arch(manifest: dict[str, Any]) -> str:
+    """``--arch`` of a run, or for a run started from ``--model`` the architecture read from the
+    file (``stages.import``)."""
+    imported = (manifest.get("stages") or {}).get("import") or {}
+    return str(imported.get("architecture", {}).get("arch") or (manifest.get("config") or {}).get("arch") or "")

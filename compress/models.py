@@ -19,13 +19,13 @@ import torch
 from torch import nn
 from torchvision import models as tv_models
 
+from .checkpoints import CHECKPOINT_KIND, read_checkpoint
 from .errors import UsageError
 from .rundir import load_torch_safely, save_torch
 
 TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 CIFAR_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet56": 56, "resnet110": 110}
 ARCHS = TORCHVISION_ARCHS + tuple(CIFAR_DEPTHS)
-CHECKPOINT_KIND = "resnet-compress/checkpoint"
 
 
 class CifarBasicBlock(nn.Module):
@@ -193,36 +193,29 @@ def build_model(arch: str, num_classes: int, *, weights: str = "none", stem: str
         elif stem != "imagenet":
             raise UsageError(f"unknown --stem {stem}; choose imagenet or cifar")
     if weights not in ("imagenet", "none"):
-        _load_state_dict_file(model, Path(weights), trust_pickle=trust_pickle)
+        load_weights_file(model, Path(weights), trust_pickle=trust_pickle)
     return model
 
 
-def _load_state_dict_file(model: nn.Module, path: Path, *, trust_pickle: bool) -> None:
-    """Load a user's weights file: a plain state dict, or one nested under 'state_dict'/'model'.
-    A head of a different size is dropped (transfer learning onto new classes)."""
-    state = load_torch_safely(path, trust_pickle=trust_pickle)
-    if isinstance(state, nn.Module):
-        state = state.state_dict()
-    if isinstance(state, dict) and state.get("kind") == CHECKPOINT_KIND:
-        state = state["state_dict"]
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise UsageError(f"--weights {path}: not a state dict")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+def load_weights_file(model: nn.Module, path: Path, *, trust_pickle: bool, key: str | None = None) -> bool:
+    """Load a user's weights file (any format :func:`checkpoints.read_checkpoint` reads) into
+    ``model`` of the architecture given with ``--arch``. A head of a different size is left
+    out (transfer learning onto new classes); returns whether it was."""
+    checkpoint = read_checkpoint(path, trust_pickle=trust_pickle, key=key, option="--weights")
+    state = dict(checkpoint.state_dict)
     own = model.state_dict()
     head = {k for k in state if k.startswith("fc.") and k in own and state[k].shape != own[k].shape}
-    for key in head:
-        del state[key]
+    for name in head:
+        del state[name]
     mismatched = [k for k in state if k in own and state[k].shape != own[k].shape]
     if mismatched:
         raise UsageError(f"--weights {path}: shapes do not match the architecture (e.g. {mismatched[0]}); wrong --arch?")
     result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith("fc.")]
+    missing = [k for k in result.missing_keys if not k.startswith("fc.") and not k.endswith("num_batches_tracked")]
     if missing or result.unexpected_keys:
         example = (missing or result.unexpected_keys)[0]
         raise UsageError(f"--weights {path}: does not fit the architecture (e.g. '{example}'); wrong --arch?")
+    return bool(head)
 
 
 # --- checkpoints of (possibly pruned) models ---------------------------------------------------
@@ -240,7 +233,7 @@ def layer_widths(model: nn.Module) -> dict[str, list[int]]:
     return widths
 
 
-def _resize_layers(model: nn.Module, widths: dict[str, list[int]]) -> None:
+def resize_layers(model: nn.Module, widths: dict[str, list[int]]) -> None:
     """Replace each conv/bn/linear whose recorded width differs by a fresh module of that width;
     the weights come from the state dict afterwards."""
     modules = dict(model.named_modules())
@@ -276,17 +269,23 @@ def save_checkpoint(path: Path, model: nn.Module, *, arch: str, stem: str, class
 
 def load_checkpoint(path: Path, *, trust_pickle: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a model saved by :func:`save_checkpoint` (pruned or not) and return it with the
-    checkpoint's metadata. A plain pickled ``nn.Module`` is accepted only with ``trust_pickle``."""
-    data = load_torch_safely(path, trust_pickle=trust_pickle)
-    if isinstance(data, nn.Module):
-        return data, {"arch": type(data).__name__, "stem": "imagenet", "classes": None}
-    if not isinstance(data, dict) or data.get("kind") != CHECKPOINT_KIND:
-        raise UsageError(f"{path} is not a compress checkpoint (pass it as --weights FILE to fine-tune from a state dict)")
-    classes = data["classes"]
-    model = build_model(data["arch"], len(classes), weights="none", stem=data.get("stem", "imagenet"))
-    _resize_layers(model, data["widths"])
-    model.load_state_dict(data["state_dict"])
-    return model, {k: v for k, v in data.items() if k not in ("state_dict", "widths")}
+    checkpoint's metadata. A plain pickled ``nn.Module`` is accepted only with ``trust_pickle``.
+    (Other people's files go through :func:`architecture.load_model_file`.)"""
+    checkpoint = read_checkpoint(path, trust_pickle=trust_pickle, option="checkpoint")
+    if checkpoint.module is not None:
+        return checkpoint.module, {"arch": type(checkpoint.module).__name__, "stem": "imagenet", "classes": None}
+    if checkpoint.format != "compress":
+        raise UsageError(f"{path} is not a compress checkpoint")
+    return rebuild(checkpoint.meta, checkpoint.state_dict), dict(checkpoint.meta)
+
+
+def rebuild(meta: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """The model of one of this tool's checkpoints: the base architecture, every layer resized
+    to its recorded width, the weights loaded."""
+    model = build_model(meta["arch"], len(meta["classes"]), weights="none", stem=meta.get("stem", "imagenet"))
+    resize_layers(model, meta["widths"])
+    model.load_state_dict(state_dict)
+    return model
 
 
 def example_input(input_size: int, batch: int = 1, device: str | torch.device = "cpu") -> torch.Tensor:

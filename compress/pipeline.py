@@ -66,6 +66,7 @@ class Run:
     manifest: dict[str, Any]
     data: DataBundle
     device: torch.device
+    imported: Any = field(default=None, repr=False)  # --model: the file read when the run was opened
     _training_loaders: tuple[Any, Any] | None = field(default=None, init=False, repr=False)
     _loaders_made: list[Any] = field(default_factory=list, init=False, repr=False)
 
@@ -97,6 +98,23 @@ class Run:
     @property
     def preprocessing(self) -> Preprocessing:
         return self.data.preprocessing
+
+    @property
+    def arch(self) -> str:
+        """The architecture: ``--arch``, or with ``--model`` the one read from the file."""
+        imported = self.manifest["stages"].get("import")
+        if imported:
+            return imported["architecture"]["arch"]
+        if self.imported is not None:
+            return self.imported.arch
+        return self.config.arch
+
+    @property
+    def stem(self) -> str:
+        imported = self.manifest["stages"].get("import")
+        if imported:
+            return imported["architecture"]["stem"]
+        return self.imported.stem if self.imported is not None else self.config.stem
 
     def _workers(self) -> int:
         if self.config.workers is not None:
@@ -215,7 +233,43 @@ def _stored_config(manifest: dict[str, Any]) -> RunConfig:
 def _load_data(config: RunConfig, scan_record: Path | None = None) -> DataBundle:
     """The run's data; ``scan_record`` is the run's stored scan, so reopening reads no image."""
     return load_data(config.data, augment=config.augmentation(), val_fraction=config.val_fraction,
-                     seed=config.seed, input_size=config.input_size, scan_record=scan_record)
+                     seed=config.seed, input_size=config.input_size, scan_record=scan_record,
+                     normalisation=config.normalisation(), class_order=config.class_order())
+
+
+def _import_model(config: RunConfig) -> Any:
+    """``--model FILE`` read and rebuilt, checked against ``--arch`` and the data's classes
+    (known from the folder names, before any image is scanned): a model that cannot be used
+    exactly as it is gets one line, never a silently replaced head."""
+    from .architecture import load_model_file
+    from .data_index import class_names
+
+    imported = load_model_file(Path(config.model), trust_pickle=config.trust_pickle, key=config.checkpoint_key)
+    if config.arch is not None and config.arch != imported.arch:
+        raise UsageError(f"--arch {config.arch}: {config.model} holds a {imported.architecture.describe()}; "
+                         "leave --arch out to use it as it is")
+    classes = class_names(config.data, config.class_order())
+    if classes and imported.num_classes != len(classes):
+        raise UsageError(f"--model {config.model}: its head has {imported.num_classes} classes, the data has "
+                         f"{len(classes)}; to train a new head on these classes, use --weights {config.model} "
+                         f"--arch {imported.arch} instead")
+    if classes and imported.classes not in (None, classes):
+        raise UsageError(f"--model {config.model} was trained on classes {imported.classes}, the data has {classes}")
+    return imported
+
+
+def _check_weights_head(config: RunConfig) -> None:
+    """``--weights FILE --epochs 0`` keeps the file's head as it is: refused when its size is
+    not the data's class count (it would be replaced by an untrained one)."""
+    from .checkpoints import read_checkpoint
+    from .data_index import class_names
+
+    classes = class_names(config.data, config.class_order())
+    head = read_checkpoint(Path(config.weights), trust_pickle=config.trust_pickle, key=config.checkpoint_key,
+                           option="--weights").state_dict.get("fc.weight")
+    if classes and head is not None and head.shape[0] != len(classes):
+        raise UsageError(f"--weights {config.weights} --epochs 0: the file's head has {head.shape[0]} classes, the data "
+                         f"has {len(classes)}, so it would be replaced by an untrained one; train it (--epochs N)")
 
 
 def _join_run(run_dir: Path, manifest: dict[str, Any], device: str | None) -> Run:
@@ -259,6 +313,11 @@ def _open_run(run_dir: Path, config: RunConfig | None, *, force: bool, device: s
         if "CUDAExecutionProvider" not in onnxruntime.get_available_providers() or not torch.cuda.is_available():
             raise UsageError("--latency-backend ort-cuda: no CUDA device or ONNX Runtime CUDA provider on this machine")
     step0_done = any(s["step"] == 0 for s in (manifest or {}).get("steps", []))
+    imported = None  # read before the data scan and before anything is written
+    if config.model is not None and not step0_done:
+        imported = _import_model(config)
+    elif config.weights not in ("auto", "imagenet", "none") and config.epochs == 0 and not step0_done:
+        _check_weights_head(config)
     if config.weights == "imagenet" and config.model is None and not step0_done \
             and config.arch in models.TORCHVISION_ARCHS and not models.imagenet_weights_available(config.arch):
         models.imagenet_state_dict(config.arch)  # download now: offline, fail in seconds, before scanning the data
@@ -276,7 +335,7 @@ def _open_run(run_dir: Path, config: RunConfig | None, *, force: bool, device: s
     manifest["versions"] = library_versions()
     manifest["command"] = " ".join([Path(sys.argv[0]).name] + sys.argv[1:])
     manifest.setdefault("world_size", distributed.world().world_size)  # then that of the latest training stage
-    run = Run(run_dir, config, manifest, data, resolved_device)
+    run = Run(run_dir, config, manifest, data, resolved_device, imported)
     run.save()
     return run
 
@@ -305,7 +364,7 @@ def _record_step(run: Run, step: int, model: torch.nn.Module, accuracy: float, e
     """Save the step's checkpoint and its manifest entry."""
     folder = step_dir(run.run_dir, step)
     checkpoint = folder / "model.pt"
-    models.save_checkpoint(checkpoint, model, arch=run.config.arch, stem=run.config.stem, classes=run.data.classes,
+    models.save_checkpoint(checkpoint, model, arch=run.arch, stem=run.stem, classes=run.data.classes,
                            extra={"step": step, "accuracy": accuracy, "preprocessing": run.preprocessing.to_dict()})
     macs, params = count_macs_params(model, run.preprocessing.input_size)
     entry = {"step": step, "macs": macs, "params": params, "accuracy": accuracy,
@@ -325,13 +384,7 @@ def finetune(run: Run) -> None:
     config = run.config
     train_loader, val_loader = run.training_loaders()
     if config.model is not None:
-        model, meta = models.load_checkpoint(Path(config.model), trust_pickle=config.trust_pickle)
-        if meta.get("classes") not in (None, run.data.classes):
-            distributed.usage_error_everywhere(f"--model {config.model} was trained on classes {meta['classes']}, "
-                                               f"the data has {run.data.classes}")
-        accuracy = evaluate(model.to(run.device), val_loader, run.device)
-        run.manifest["stages"]["finetune"] = {"skipped": "started from --model", "model": str(config.model)}
-        _record_step(run, 0, model.cpu(), accuracy, {"source": "model"})
+        _import_step0(run, val_loader)
         return
     # a weights download happens once per node; the other processes find the file in the cache
     weights, weights_note = distributed.run_local_main_first(lambda: _resolved_weights(config))
@@ -353,6 +406,36 @@ def finetune(run: Run) -> None:
     }
     _record_step(run, 0, model.cpu(), result.best_accuracy, {"source": "finetune"})
     console.print(f"step 0 (fine-tuned): val accuracy {result.best_accuracy:.4f}")
+
+
+NEAR_CHANCE = 0.1
+"""Step 0's accuracy within this fraction of the way from chance to 1 draws a warning."""
+
+
+def _import_step0(run: Run, val_loader: Any) -> None:
+    """Step 0 from ``--model``: the file's model as it is, its val accuracy measured and
+    recorded in ``stages.import`` (file, format, key, architecture, accuracy, seconds)."""
+    imported = run.imported or _import_model(run.config)  # other ranks under torchrun read it here
+    started = time.perf_counter()
+    accuracy = evaluate(imported.model.to(run.device), val_loader, run.device)
+    chance = 1.0 / len(run.data.classes)
+    record = {**imported.record(), "accuracy": accuracy, "val_images": len(run.data.val_labels),
+              "evaluate_seconds": round(time.perf_counter() - started, 3), "chance": chance}
+    keys = f", key '{imported.checkpoint.key}'" if imported.checkpoint.key else ""
+    if imported.checkpoint.also:
+        keys += f" (also in the file: {', '.join(imported.checkpoint.also)}; choose with --checkpoint-key)"
+    prefix = f", prefix '{imported.checkpoint.prefix}' stripped" if imported.checkpoint.prefix else ""
+    console.print(f"imported {escape(str(run.config.model))}: {imported.checkpoint.format}{escape(keys)}{escape(prefix)}; "
+                  f"{imported.architecture.describe()}; read in {imported.seconds:.2f} s")
+    if accuracy < chance + NEAR_CHANCE * (1.0 - chance):
+        record["warning"] = (f"step 0 accuracy {accuracy:.4f} is near chance ({chance:.4f}): the class order "
+                             "(--classes FILE) or the preprocessing (--mean, --std, --input-size) probably differ "
+                             "from those the model was trained with")
+        console.print(f"[yellow]warning: {escape(record['warning'])}[/]")
+    run.manifest["stages"]["import"] = record
+    run.manifest["stages"]["finetune"] = {"skipped": "started from --model", "model": str(run.config.model)}
+    _record_step(run, 0, imported.model.cpu(), accuracy, {"source": "model"})
+    console.print(f"step 0 (imported, not trained): val accuracy {accuracy:.4f}")
 
 
 def prune_step(run: Run, step: int) -> None:
@@ -398,7 +481,7 @@ def _write_pruned(run: Run, step: int, target: int, path: Path) -> None:
     model, prune_info = prune_to_macs(previous, target, config.prune_settings(), run.step_entry(0)["widths"],
                                       run.preprocessing.input_size)
     prune_info["target_macs"] = target
-    models.save_checkpoint(path, model, arch=config.arch, stem=config.stem, classes=run.data.classes,
+    models.save_checkpoint(path, model, arch=run.arch, stem=run.stem, classes=run.data.classes,
                            extra={"step": step, "prune": prune_info})
 
 
@@ -495,7 +578,7 @@ def export_step(run: Run, step: int) -> None:
     if not (entry.get("onnx") and entry.get("parity") and (run.run_dir / entry["onnx"]).exists()):
         model = run.load_step_model(step)
         path = step_dir(run.run_dir, step) / VARIANT_FILES["fp32"]
-        metadata = {"classes": run.data.classes, "preprocessing": run.preprocessing.to_dict(), "arch": run.config.arch,
+        metadata = {"classes": run.data.classes, "preprocessing": run.preprocessing.to_dict(), "arch": run.arch,
                     "step": step, "accuracy": entry["accuracy"], "macs": entry["macs"], "params": entry["params"],
                     "producer": "resnet-compress"}
         onnx_export.export_onnx(model, path, input_size=run.preprocessing.input_size, metadata=metadata,
@@ -508,7 +591,24 @@ def export_step(run: Run, step: int) -> None:
         run.put_step(entry)
         console.print(f"step {step}: ONNX exported, parity max |diff| {parity['max_abs_diff']:.2e}, "
                       f"top-1 agreement {parity['top1_agreement']:.4f}")
+    _export_program(run, step)
     build_variants(run, step, run.config.precision_list(), run.config.int8_settings())
+
+
+def _export_program(run: Run, step: int) -> None:
+    """The step as ``model.pt2`` (torch.export, dynamic batch), loaded back the way a user
+    would and checked against the step's ONNX file on validation images."""
+    entry = run.step_entry(step)
+    if entry.get("pt2") and entry.get("pt2_parity") and (run.run_dir / entry["pt2"]).exists():
+        return
+    path = step_dir(run.run_dir, step) / onnx_export.PROGRAM_FILE
+    onnx_export.export_program(run.load_step_model(step), path, input_size=run.preprocessing.input_size)
+    _, val_loader = run.loaders()
+    parity = onnx_export.parity_check(onnx_export.load_program(path), run.run_dir / entry["onnx"],
+                                      (images for images, _ in val_loader), tolerance=run.config.parity_tolerance)
+    entry.update({"pt2": relative(run.run_dir, path), "pt2_bytes": path.stat().st_size, "pt2_parity": parity})
+    run.put_step(entry)
+    console.print(f"step {step}: model.pt2 exported, against the ONNX file max |diff| {parity['max_abs_diff']:.2e}")
 
 
 def _variant_current(run: Run, entry: dict[str, Any], precision: str, int8: Any) -> bool:

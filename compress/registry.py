@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
-from .manifest import StepRecord
+from .manifest import StepRecord, manifest_arch
 from .rundir import require_manifest
 from .runtime.precisions import VARIANT_FILES
 
@@ -103,7 +103,7 @@ def build_metadata(run_dir: Path, manifest: dict[str, Any], entry: dict[str, Any
         "input_name": INPUT_NAME,
         "output_name": OUTPUT_NAME,
         "files": files,
-        "arch": manifest.get("config", {}).get("arch", ""),
+        "arch": manifest_arch(manifest),
         "step": int(entry["step"]),
         "accuracy": float(entry["accuracy"]),
         "accuracy_step0": float(base["accuracy"]),

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .latency import benchmark_run
+from .manifest import manifest_arch
 from .render import (RECOMMEND_WITHIN, latency_table, machine_markdown, noisy_note, plot_pareto, recommend, select,
                      steps_table, variants_table)
 from .rundir import atomic_write_json, atomic_write_text
@@ -52,7 +53,7 @@ def write_run_report(run_dir: Path, manifest: dict[str, Any], *, latency_batch: 
         lines.append(_headline(doc, (last, fastest_last["precision"]), "Fastest variant of the last step"))
     precisions = sorted({r["precision"] for r in doc["results"]}, key=["fp32", "fp16", "int8"].index)
     text = "\n".join([
-        f"# Compression report: {manifest['config']['arch']} on {manifest['dataset']['source']}",
+        f"# Compression report: {manifest_arch(manifest)} on {manifest['dataset']['source']}",
         "",
         "\n\n".join(lines),
         "",
