@@ -263,5 +263,8 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Options (other than execution-only ones) whose values differ between two runs. An
     option missing from an older manifest counts as its default."""
     defaults = RunConfig().to_dict()
+    if new.get("model") and new.get("arch") is None and old.get("model") == new.get("model"):
+        # runs from before the architecture was read from --model's file recorded the --arch they got
+        new = {**new, "arch": old.get("arch")}
     keys = (set(old) | set(new)) - set(EXECUTION_ONLY) - set(VARIANT_OPTIONS)
     return sorted(k for k in keys if old.get(k, defaults.get(k)) != new.get(k, defaults.get(k)))

@@ -371,3 +371,13 @@ def test_weights_option_reads_every_format_too(tmp_path: Path, resnet18: nn.Modu
     assert load_weights_file(model, tmp_path / "scripted.pt", trust_pickle=False) is True
     assert torch.equal(model.layer4[1].conv2.weight, resnet18.layer4[1].conv2.weight)
     assert model.fc.out_features == 5
+
+
+def test_resume_of_a_model_run_that_recorded_its_arch():
+    """A --model run from before the architecture was read from the file recorded ``arch``;
+    the same command now (no --arch) resumes it instead of calling the options different."""
+    from compress.config import config_differences
+
+    old = {"model": "/models/user.pth", "arch": "resnet18"}
+    assert config_differences(old, {"model": "/models/user.pth", "arch": None}) == []
+    assert config_differences(old, {"model": "/models/other.pth", "arch": None}) == ["arch", "model"]
