@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from rich.console import Console
 
-from .backends import ONNX_BACKENDS, BackendUnavailable, Prepared, check_options, prepare
+from .backends import CPU_ONNX_BACKENDS, ONNX_BACKENDS, BackendUnavailable, Prepared, check_options, prepare
 from .errors import UsageError
 from .hints import unaligned_convs
 from .manifest import RunManifest, StepRecord
@@ -111,9 +111,10 @@ def recorded_threads(step: StepRecord, precision: str, batch: int) -> int | None
 
 
 def _threads_for(backend: str, step: StepRecord, precision: str, batch: int, forced: int | None) -> int | None:
-    """Threads a model is timed with: ``--threads`` when given, else on ORT CPU the variant's
-    recorded choice for this batch size, else the library's default (None)."""
-    if forced is not None or backend != "ort-cpu":
+    """Threads a model is timed with: ``--threads`` when given, else on ORT CPU (and OpenVINO,
+    so that both run the file with the same threads) the variant's recorded choice for this
+    batch size, else the library's default (None)."""
+    if forced is not None or backend not in CPU_ONNX_BACKENDS:
         return forced
     return recorded_threads(step, precision, batch) or None
 
@@ -143,7 +144,8 @@ def _prepare_all(run_dir: Path, chosen: list[StepRecord], backend: str, keys: li
                 if (step, precision) == BASELINE:
                     raise
                 reason = str(exc)
-        if not any(s.get("precision") == precision and s.get("backend") == backend for s in skipped):
+        if not any(s.get("precision") == precision and s.get("backend") == backend and s.get("reason") == reason
+                   for s in skipped):
             skipped.append({"backend": backend, "precision": precision, "reason": reason})
             console.print(f"[yellow]{backend} {precision}: skipped ({reason})[/]")
     return prepared

@@ -258,6 +258,11 @@ def _open_run(run_dir: Path, config: RunConfig | None, *, force: bool, device: s
 
         if "CUDAExecutionProvider" not in onnxruntime.get_available_providers() or not torch.cuda.is_available():
             raise UsageError("--latency-backend ort-cuda: no CUDA device or ONNX Runtime CUDA provider on this machine")
+    if config.target_speedup is not None and config.latency_backend == "openvino":
+        from .runtime.openvino_models import openvino_unavailable_reason
+
+        if openvino_unavailable_reason():
+            raise UsageError(f"--latency-backend openvino: {openvino_unavailable_reason()}")
     step0_done = any(s["step"] == 0 for s in (manifest or {}).get("steps", []))
     if config.weights == "imagenet" and config.model is None and not step0_done \
             and config.arch in models.TORCHVISION_ARCHS and not models.imagenet_weights_available(config.arch):
