@@ -33,18 +33,23 @@ NOT_ON_BACKEND = {
 }
 
 
+def load_run_data(manifest: dict[str, Any]) -> Any:
+    """The run's ``DataBundle``, loaded as the run loaded it (for a report made without one)."""
+    from .config import RunConfig
+    from .data import load_data
+
+    stored = {k: v for k, v in manifest["config"].items() if k in RunConfig.option_names()}
+    config = RunConfig(**stored)
+    return load_data(config.data, augment=config.augmentation(), val_fraction=config.val_fraction,
+                     seed=config.seed, input_size=config.input_size)
+
+
 def validation_arrays(manifest: dict[str, Any], limit: int | None = None,
                       data: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """The run's validation images, preprocessed exactly as in training, as float32 NCHW.
     ``data`` is the run's already loaded ``DataBundle`` (saves scanning the folder again)."""
-    from .config import RunConfig
-    from .data import load_data
-
     if data is None:
-        stored = {k: v for k, v in manifest["config"].items() if k in RunConfig.option_names()}
-        config = RunConfig(**stored)
-        data = load_data(config.data, augment=config.augmentation(), val_fraction=config.val_fraction,
-                         seed=config.seed, input_size=config.input_size)
+        data = load_run_data(manifest)
     from .data import DecodeFailure
 
     count = len(data.val) if limit is None else min(limit, len(data.val))
@@ -110,7 +115,7 @@ def recorded_threads(step: StepRecord, precision: str, batch: int) -> int | None
     return int(choice["threads"]) if choice else None
 
 
-def _threads_for(backend: str, step: StepRecord, precision: str, batch: int, forced: int | None) -> int | None:
+def threads_for(backend: str, step: StepRecord, precision: str, batch: int, forced: int | None) -> int | None:
     """Threads a model is timed with: ``--threads`` when given, else on ORT CPU (and OpenVINO,
     so that both run the file with the same threads) the variant's recorded choice for this
     batch size, else the library's default (None)."""
@@ -123,7 +128,7 @@ def _prepare_all(run_dir: Path, chosen: list[StepRecord], backend: str, keys: li
                  skipped: list[dict[str, str]], batch: int | None = None,
                  cache: dict[tuple[Key, int | None], Prepared] | None = None) -> dict[Key, Prepared]:
     """Every (step, precision) loaded on one backend, with the threads it is timed with at
-    ``batch`` (see :func:`_threads_for`; sessions are reused from ``cache``). One that cannot run
+    ``batch`` (see :func:`threads_for`; sessions are reused from ``cache``). One that cannot run
     is listed in ``skipped``; without step 0 fp32 (the baseline) the whole backend is unavailable."""
     steps = {s.step: s for s in chosen}
     cache = {} if cache is None else cache
@@ -133,7 +138,7 @@ def _prepare_all(run_dir: Path, chosen: list[StepRecord], backend: str, keys: li
         if reason is None:
             record = steps[step]
             checkpoint = run_dir / record.checkpoint if record.checkpoint else None
-            use = threads if batch is None else _threads_for(backend, record, precision, batch, threads)
+            use = threads if batch is None else threads_for(backend, record, precision, batch, threads)
             try:
                 if ((step, precision), use) not in cache:
                     cache[((step, precision), use)] = prepare(backend, onnx_path=record.variant_path(run_dir, precision),

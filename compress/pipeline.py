@@ -633,7 +633,7 @@ def report(run: Run, *, redo: bool = False) -> dict[str, Any]:
         console.print("[dim]report already written[/]")
         return done
     summary = write_run_report(run.run_dir, run.manifest, latency_batch=run.config.latency_batch, data=run.data,
-                               timing_seconds=run.config.timing_seconds)
+                               timing_seconds=run.config.timing_seconds, int8=run.config.int8_settings())
     summary["models"] = models
     run.manifest["report"] = summary
     run.save()
