@@ -72,7 +72,10 @@ class OpenVinoModel:
     """One ONNX file compiled for OpenVINO's CPU plugin: ``predict`` (numpy in and out),
     ``timed_call`` (a fixed batch) and ``runner`` (one infer request per calling thread)."""
 
-    def __init__(self, path: Path | str, threads: int | None = None) -> None:
+    def __init__(self, path: Path | str, threads: int | None = None, inference_precision: str | None = None) -> None:
+        """``inference_precision``: None leaves OpenVINO's choice (bf16 on AMX/AVX-512 BF16 CPUs);
+        ``"f32"`` keeps fp32 arithmetic where the file has it (answers within the export's parity
+        tolerance of ONNX Runtime's, what the service needs)."""
         self.path = Path(path)
         core = _core()
         try:
@@ -82,6 +85,8 @@ class OpenVinoModel:
         config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
+        if inference_precision:
+            config["INFERENCE_PRECISION_HINT"] = inference_precision
         self.threads_asked = threads
         self.compiled = core.compile_model(model, "CPU", config)
         element = self.compiled.input(0).get_element_type()
