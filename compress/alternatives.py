@@ -188,7 +188,7 @@ def _runs_on(row: dict[str, Any]) -> str:
 
 
 def _threads(count: Any) -> str:
-    return f"{count} thread{'' if count == 1 else 's'}"
+    return f"{count} thread{'' if count == 1 else 's'}" if isinstance(count, int) else f"threads: {count}"
 
 
 def markdown(section: dict[str, Any]) -> str:
