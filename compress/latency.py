@@ -218,9 +218,10 @@ def benchmark_run(run_dir: Path, *, backends: Sequence[str] = ("ort-cpu", "torch
         "seconds": round(time.time() - started, 1),
         "settings": {"backends": list(backends), "batch_sizes": list(batch_sizes), "threads": threads,
                      "threads_rule": (f"forced: {threads}" if threads else
-                                      "ort-cpu: each model with the intra-op threads recorded as fastest for it at "
-                                      "that batch size when its variant was built (manifest: variants.*.cpu_threads), "
-                                      "else ORT's default; other backends: the library's default"),
+                                      "ort-cpu and openvino: each model with the intra-op threads recorded as fastest "
+                                      "for it on ORT CPU at that batch size when its variant was built (manifest: "
+                                      "variants.*.cpu_threads), else the library's default; other backends: the "
+                                      "library's default"),
                      "steps": [s.step for s in chosen], "precisions": list(precisions) if precisions else "all",
                      "warmup": warmup, "rounds": rounds, "per_round": per_round or "about 0.1 s of calls",
                      "min_seconds": min_seconds, "max_seconds": max_seconds, "accuracy": measure_accuracy,
