@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +94,10 @@ def candidates(run_dir: Path, steps: dict[int, StepRecord], recommended: tuple[i
             continue
         if path != steps[k].variant_path(run_dir, p):
             label += f" (QDQ twin: {path.relative_to(run_dir).as_posix()})"
+        same = next((i for i, c in enumerate(out) if (c.backend, c.path) == (backend, path)), None)
+        if same is not None:  # the recommended model is step 0 int8: one row with both roles, timed once
+            out[same] = replace(out[same], role=f"{out[same].role}; {role}")
+            continue
         out.append(Candidate(label, role, backend, k, p, path))
     return out
 

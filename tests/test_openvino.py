@@ -187,3 +187,16 @@ def test_metadata_says_openvino(single: Server, store: Store) -> None:
     assert meta["runtime"]["engine"] == "openvino" and meta["providers"] == {store.step1: "cpu"}
     compiled = meta["runtime"]["openvino"][store.step1]
     assert compiled["inference_precision"] == "f32" and compiled["num_streams"] == 1
+
+
+def test_a_recommended_step_0_int8_is_one_row_with_both_roles(int8_run: Path) -> None:
+    from compress.alternatives import candidates
+    from compress.manifest import RunManifest
+    from compress.quantize import Int8Settings
+
+    steps = {s.step: s for s in RunManifest.from_dict(_manifest(int8_run)).steps}
+    skipped: list[dict[str, str]] = []
+    found = candidates(int8_run, steps, (0, "int8"), Int8Settings(), None, skipped)
+    assert [(c.backend, c.step, c.precision) for c in found] == \
+        [("ort-cpu", 0, "fp32"), ("openvino", 0, "int8"), ("ort-cpu", 0, "int8")]
+    assert found[1].role == "no pruning, int8 on OpenVINO; recommended, OpenVINO" and not skipped
