@@ -187,6 +187,8 @@ def test_metadata_says_openvino(single: Server, store: Store) -> None:
     assert meta["runtime"]["engine"] == "openvino" and meta["providers"] == {store.step1: "cpu"}
     compiled = meta["runtime"]["openvino"][store.step1]
     assert compiled["inference_precision"] == "f32" and compiled["num_streams"] == 1
+    # OpenVINO's first call at a new batch size is slower: every size the batcher can make ran at start
+    assert meta["runtime"]["warmed_batch_sizes"] == list(range(1, meta["limits"]["max_batch_size"] + 1))
 
 
 def test_a_recommended_step_0_int8_is_one_row_with_both_roles(int8_run: Path) -> None:
