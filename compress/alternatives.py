@@ -154,8 +154,9 @@ def measure_alternatives(run_dir: Path, manifest: dict[str, Any], recommended: t
             if item.label not in accuracy:
                 accuracy[item.label] = _accuracy(item, steps[item.step], model, images, labels)
         fixed = batch_of(images, batch)
+        # at most 5 x --timing-seconds per batch size (10 s by default: 20 rounds of the demo's models fit)
         timed = interleaved({item.label: model.make_timed(fixed) for item, model in prepared.items()}, rounds=20,
-                            min_seconds=timing_seconds, max_seconds=10 * timing_seconds)
+                            min_seconds=timing_seconds, max_seconds=5 * timing_seconds)
         stats = {label: summarize(samples, batch) for label, samples in timed.samples.items()}
         base = found[0].label
         for item, model in prepared.items():
