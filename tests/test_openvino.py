@@ -117,8 +117,8 @@ def test_report_puts_the_steps_against_the_alternatives(int8_run: Path, tmp_path
         assert len(rows) == len(labels) and rows[0]["role"] == "baseline" and rows[0]["speedup"] == 1.0
         for row in rows:
             assert 0 <= row["accuracy"] <= 1 and row["latency"]["p50_ms"] > 0
-            threads = row["session"]["intra_op_threads"]
-            assert isinstance(threads, int) and threads >= 1
+            threads = row["session"]["intra_op_threads"]  # OpenVINO reads back its count; ORT may say "ort default"
+            assert (isinstance(threads, int) and threads >= 1) or (row["backend"] == "ort-cpu" and threads == "ort default")
         assert section["fastest"][str(batch)]["label"] in labels
     ov_rows = [r for r in section["rows"] if r["backend"] == "openvino"]
     assert {r["session"]["num_streams"] for r in ov_rows} == {1}
