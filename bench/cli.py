@@ -31,6 +31,7 @@ Examples:
   bench models runs/c10 --backends ort-cuda --cuda-graphs --batch-sizes 1,8,64,256,1024
 
   bench models runs/digits --backends ort-cpu --threads 1 --steps 0,3 --out /tmp/b1
+  bench models runs/digits --backends ort-cpu,openvino --batch-sizes 1,32      # against OpenVINO on the same files
 """
 
 SERVE_EXAMPLES = """
@@ -81,7 +82,8 @@ def output_dir(out: Path | None, default_parent: Path) -> Path:
 def models(
     run_dir: Annotated[Path, typer.Argument(help="A run directory made by `compress run`.")],
     backends: Annotated[str, typer.Option(help="Comma-separated: ort-cpu, ort-cuda, torch (CUDA if present, else CPU), "
-                                               "torch-cpu, torch-cuda, torch-cuda-graphs. Backends that cannot run here are skipped, with the reason.")]
+                                               "torch-cpu, torch-cuda, torch-cuda-graphs, openvino (OpenVINO CPU on the same ONNX files). "
+                                               "Backends that cannot run here are skipped, with the reason.")]
         = "ort-cpu,ort-cuda,torch",
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8,64",
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (ORT intra-op, torch); default: the libraries' own.")] = None,

@@ -21,8 +21,9 @@ import numpy as np
 
 from .errors import UsageError
 
-BACKENDS = ("ort-cpu", "ort-cuda", "torch", "torch-cpu", "torch-cuda", "torch-cuda-graphs")
-ONNX_BACKENDS = ("ort-cpu", "ort-cuda")
+BACKENDS = ("ort-cpu", "ort-cuda", "torch", "torch-cpu", "torch-cuda", "torch-cuda-graphs", "openvino")
+ONNX_BACKENDS = ("ort-cpu", "ort-cuda", "openvino")
+CPU_ONNX_BACKENDS = ("ort-cpu", "openvino")  # timed with the intra-op threads recorded for ORT CPU
 TORCH_CUDA_BACKENDS = ("torch-cuda", "torch-cuda-graphs")  # these also measure fp16 (half, channels_last)
 
 
@@ -57,6 +58,18 @@ def _ort(path: Path, provider: str, threads: int | None) -> Prepared:
     return Prepared(f"ort-{provider}", model.device, model.predict, model.timed_call,
                     {"providers": model.session.get_providers(), "input_type": model.input_type,
                      "session": settings.describe()})
+
+
+def _openvino(path: Path, threads: int | None) -> Prepared:
+    from .runtime.openvino_models import OpenVinoModel, OpenVinoUnavailable
+
+    try:
+        model = OpenVinoModel(path, threads=threads)
+    except OpenVinoUnavailable as exc:
+        raise BackendUnavailable(str(exc)) from None
+    session = model.describe()
+    return Prepared("openvino", f"OpenVINO CPU ({session['inference_precision']})", model.predict, model.timed_call,
+                    {"input_type": str(model.input_dtype), "session": session})
 
 
 def _torch(checkpoint: Path, threads: int | None, want: str, precision: str = "fp32", graphs: bool = False) -> Prepared:
@@ -154,6 +167,8 @@ def prepare(backend: str, *, onnx_path: Path | None, checkpoint: Path | None, th
         return _ort(onnx_path, "cpu", threads)
     if backend == "ort-cuda":
         return _ort(onnx_path, "cuda", threads)
+    if backend == "openvino":
+        return _openvino(onnx_path, threads)
     if backend in ("torch", "torch-cpu", "torch-cuda", "torch-cuda-graphs"):
         if checkpoint is None or not checkpoint.exists():
             raise BackendUnavailable("no PyTorch checkpoint for this model")

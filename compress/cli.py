@@ -86,7 +86,7 @@ ParityTolerance = Annotated[Optional[float], typer.Option(help="Max |logit diffe
 LatencyBatch = Annotated[Optional[int], typer.Option(help="Batch size of --target-speedup and the larger batch of the closing latency report.")]
 TargetSpeedup = Annotated[Optional[float], typer.Option(help="Prune step by step until this speed-up over step 0 is measured (bounded by --target-macs and --prune-steps).")]
 TimingSeconds = Annotated[Optional[float], typer.Option(help="Least seconds each latency measurement of the run takes (--target-speedup, the int8 format and thread choices, the closing report; default 2). Less is quicker and noisier.")]
-LatencyBackend = Annotated[Optional[str], typer.Option(help="Where --target-speedup is measured: ort-cpu, ort-cuda or torch.")]
+LatencyBackend = Annotated[Optional[str], typer.Option(help="Where --target-speedup is measured: ort-cpu, ort-cuda, torch or openvino.")]
 Device = Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")]
 Seed = Annotated[Optional[int], typer.Option(help="Random seed.")]
 Workers = Annotated[Optional[int], typer.Option(help="DataLoader worker processes (default: auto).")]

@@ -20,7 +20,7 @@ OPTIMIZERS = ("adam", "sgd", "adam-then-sgd")
 BALANCE = ("none", "weights", "sampler")
 SCHEDULES = ("cosine", "step")
 DEVICES = ("auto", "cpu", "cuda")
-LATENCY_BACKENDS = ("ort-cpu", "ort-cuda", "torch")
+LATENCY_BACKENDS = ("ort-cpu", "ort-cuda", "torch", "openvino")
 # Options that change how a run executes but not what it computes: they may differ on resume.
 EXECUTION_ONLY = ("device", "workers", "data_on_device", "trust_pickle", "timing_seconds")
 # Options that only add precision variants next to the fp32 files: they may differ on resume

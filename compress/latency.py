@@ -14,7 +14,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from rich.console import Console
 
-from .backends import ONNX_BACKENDS, TORCH_CUDA_BACKENDS, BackendUnavailable, Prepared, check_options, prepare
+from .backends import (CPU_ONNX_BACKENDS, ONNX_BACKENDS, TORCH_CUDA_BACKENDS, BackendUnavailable, Prepared,
+                       check_options, prepare)
 from .errors import UsageError
 from .hints import unaligned_convs
 from .manifest import RunManifest, StepRecord
@@ -33,18 +34,23 @@ NOT_ON_BACKEND = {
 }
 
 
+def load_run_data(manifest: dict[str, Any]) -> Any:
+    """The run's ``DataBundle``, loaded as the run loaded it (for a report made without one)."""
+    from .config import RunConfig
+    from .data import load_data
+
+    stored = {k: v for k, v in manifest["config"].items() if k in RunConfig.option_names()}
+    config = RunConfig(**stored)
+    return load_data(config.data, augment=config.augmentation(), val_fraction=config.val_fraction,
+                     seed=config.seed, input_size=config.input_size)
+
+
 def validation_arrays(manifest: dict[str, Any], limit: int | None = None,
                       data: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """The run's validation images, preprocessed exactly as in training, as float32 NCHW.
     ``data`` is the run's already loaded ``DataBundle`` (saves scanning the folder again)."""
-    from .config import RunConfig
-    from .data import load_data
-
     if data is None:
-        stored = {k: v for k, v in manifest["config"].items() if k in RunConfig.option_names()}
-        config = RunConfig(**stored)
-        data = load_data(config.data, augment=config.augmentation(), val_fraction=config.val_fraction,
-                         seed=config.seed, input_size=config.input_size)
+        data = load_run_data(manifest)
     from .data import DecodeFailure
 
     count = len(data.val) if limit is None else min(limit, len(data.val))
@@ -114,10 +120,11 @@ def recorded_threads(step: StepRecord, precision: str, batch: int) -> int | None
     return int(choice["threads"]) if choice else None
 
 
-def _threads_for(backend: str, step: StepRecord, precision: str, batch: int, forced: int | None) -> int | None:
-    """Threads a model is timed with: ``--threads`` when given, else on ORT CPU the variant's
-    recorded choice for this batch size, else the library's default (None)."""
-    if forced is not None or backend != "ort-cpu":
+def threads_for(backend: str, step: StepRecord, precision: str, batch: int, forced: int | None) -> int | None:
+    """Threads a model is timed with: ``--threads`` when given, else on ORT CPU (and OpenVINO,
+    so that both run the file with the same threads) the variant's recorded choice for this
+    batch size, else the library's default (None)."""
+    if forced is not None or backend not in CPU_ONNX_BACKENDS:
         return forced
     return recorded_threads(step, precision, batch) or None
 
@@ -126,7 +133,7 @@ def _prepare_all(run_dir: Path, chosen: list[StepRecord], backend: str, keys: li
                  skipped: list[dict[str, str]], batch: int | None = None,
                  cache: dict[tuple[Key, int | None], Prepared] | None = None) -> dict[Key, Prepared]:
     """Every (step, precision) loaded on one backend, with the threads it is timed with at
-    ``batch`` (see :func:`_threads_for`; sessions are reused from ``cache``). One that cannot run
+    ``batch`` (see :func:`threads_for`; sessions are reused from ``cache``). One that cannot run
     is listed in ``skipped``; without step 0 fp32 (the baseline) the whole backend is unavailable."""
     steps = {s.step: s for s in chosen}
     cache = {} if cache is None else cache
@@ -136,7 +143,7 @@ def _prepare_all(run_dir: Path, chosen: list[StepRecord], backend: str, keys: li
         if reason is None:
             record = steps[step]
             checkpoint = run_dir / record.checkpoint if record.checkpoint else None
-            use = threads if batch is None else _threads_for(backend, record, precision, batch, threads)
+            use = threads if batch is None else threads_for(backend, record, precision, batch, threads)
             try:
                 if ((step, precision), use) not in cache:
                     cache[((step, precision), use)] = prepare(backend, onnx_path=record.variant_path(run_dir, precision),
@@ -148,7 +155,8 @@ def _prepare_all(run_dir: Path, chosen: list[StepRecord], backend: str, keys: li
                 if (step, precision) == BASELINE:
                     raise
                 reason = str(exc)
-        if not any(s.get("precision") == precision and s.get("backend") == backend for s in skipped):
+        if not any(s.get("precision") == precision and s.get("backend") == backend and s.get("reason") == reason
+                   for s in skipped):
             skipped.append({"backend": backend, "precision": precision, "reason": reason})
             console.print(f"[yellow]{backend} {precision}: skipped ({reason})[/]")
     return prepared
@@ -216,9 +224,10 @@ def benchmark_run(run_dir: Path, *, backends: Sequence[str] = ("ort-cpu", "torch
         "seconds": round(time.time() - started, 1),
         "settings": {"backends": list(backends), "batch_sizes": list(batch_sizes), "threads": threads,
                      "threads_rule": (f"forced: {threads}" if threads else
-                                      "ort-cpu: each model with the intra-op threads recorded as fastest for it at "
-                                      "that batch size when its variant was built (manifest: variants.*.cpu_threads), "
-                                      "else ORT's default; other backends: the library's default"),
+                                      "ort-cpu and openvino: each model with the intra-op threads recorded as fastest "
+                                      "for it on ORT CPU at that batch size when its variant was built (manifest: "
+                                      "variants.*.cpu_threads), else the library's default; other backends: the "
+                                      "library's default"),
                      "steps": [s.step for s in chosen], "precisions": list(precisions) if precisions else "all",
                      "warmup": warmup, "rounds": rounds, "per_round": per_round or "about 0.1 s of calls",
                      "min_seconds": min_seconds, "max_seconds": max_seconds, "accuracy": measure_accuracy,

@@ -312,6 +312,11 @@ def _open_run(run_dir: Path, config: RunConfig | None, *, force: bool, device: s
 
         if "CUDAExecutionProvider" not in onnxruntime.get_available_providers() or not torch.cuda.is_available():
             raise UsageError("--latency-backend ort-cuda: no CUDA device or ONNX Runtime CUDA provider on this machine")
+    if config.target_speedup is not None and config.latency_backend == "openvino":
+        from .runtime.openvino_models import openvino_unavailable_reason
+
+        if openvino_unavailable_reason():
+            raise UsageError(f"--latency-backend openvino: {openvino_unavailable_reason()}")
     step0_done = any(s["step"] == 0 for s in (manifest or {}).get("steps", []))
     imported = None  # read before the data scan and before anything is written
     if config.model is not None and not step0_done:
@@ -728,7 +733,7 @@ def report(run: Run, *, redo: bool = False) -> dict[str, Any]:
         console.print("[dim]report already written[/]")
         return done
     summary = write_run_report(run.run_dir, run.manifest, latency_batch=run.config.latency_batch, data=run.data,
-                               timing_seconds=run.config.timing_seconds)
+                               timing_seconds=run.config.timing_seconds, int8=run.config.int8_settings())
     summary["models"] = models
     run.manifest["report"] = summary
     run.save()

@@ -1,14 +1,17 @@
 """The closing report of ``compress run``: ONNX Runtime CPU latency of every step and precision
 at batch 1 and a larger batch, timed interleaved in one run, written as ``RUN_DIR/report.md``,
 ``RUN_DIR/report.json`` and ``RUN_DIR/pareto.png`` (one accuracy-vs-latency plane, every
-(step, precision) a point)."""
+(step, precision) a point), and the recommended model against the alternatives: step 0 and the
+recommended step on ONNX Runtime and OpenVINO, timed together (``compress.alternatives``)."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from . import alternatives
 from .latency import benchmark_run
 from .manifest import manifest_arch
+from .quantize import Int8Settings
 from .render import (RECOMMEND_WITHIN, latency_table, machine_markdown, noisy_note, plot_pareto, recommend, select,
                      steps_table, variants_table)
 from .rundir import atomic_write_json, atomic_write_text
@@ -28,18 +31,24 @@ def _headline(doc: dict[str, Any], point: tuple[int, str], label: str) -> str:
 
 
 def write_run_report(run_dir: Path, manifest: dict[str, Any], *, latency_batch: int = 32,
-                     data: Any = None, timing_seconds: float = 2.0) -> dict[str, Any]:
+                     data: Any = None, timing_seconds: float = 2.0, int8: Int8Settings | None = None) -> dict[str, Any]:
+    """``int8``: the run's int8 settings (calibration of the QDQ twins OpenVINO runs)."""
     run_dir = Path(run_dir)
     batches = sorted({1, latency_batch})
     doc = benchmark_run(run_dir, backends=("ort-cpu",), batch_sizes=batches, measure_accuracy=False, data=data,
                         rounds=20, min_seconds=timing_seconds, max_seconds=10 * timing_seconds)
+    recommended = recommend(doc, "ort-cpu", 1) or (0, "fp32")
+    doc["alternatives"] = alternatives.measure_alternatives(run_dir, manifest, recommended, batches=batches,
+                                                            int8=int8 or Int8Settings(), data=data,
+                                                            timing_seconds=timing_seconds)
     atomic_write_json(run_dir / "report.json", doc)
     plot_pareto(doc, run_dir / "pareto.png", backend="ort-cpu", batch=1)
-    recommended = recommend(doc, "ort-cpu", 1) or (0, "fp32")
     last = max(s["step"] for s in doc["steps"])
     summary: dict[str, Any] = {"recommended_step": recommended[0], "recommended_precision": recommended[1],
                                "latency_backend": "ort-cpu", "batches": batches, "report": "report.md",
-                               "pareto": "pareto.png", "results": "report.json", "steps": []}
+                               "pareto": "pareto.png", "results": "report.json", "steps": [],
+                               "alternatives": {k: doc["alternatives"].get(k) for k in ("available", "reason", "fastest")
+                                                if k in doc["alternatives"]}}
     for step in doc["steps"]:
         entry: dict[str, Any] = {"step": step["step"]}
         for row in select(doc["results"], step=step["step"]):
@@ -75,6 +84,12 @@ def write_run_report(run_dir: Path, manifest: dict[str, Any], *, latency_batch: 
         "",
         latency_table(doc),
         noisy_note(),
+        "## Against the alternatives",
+        "",
+        "What a user would run instead of compressing: step 0 as it is on OpenVINO (int8, no pruning) beside the "
+        "recommended step on ONNX Runtime and on OpenVINO.",
+        "",
+        alternatives.markdown(doc["alternatives"]),
         "## Machine",
         "",
         machine_markdown(doc["machine"]),

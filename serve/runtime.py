@@ -1,4 +1,5 @@
-"""The models behind the service: registered ONNX files, one ONNX Runtime session each.
+"""The models behind the service: registered ONNX files, one ONNX Runtime session each (or, with
+``SERVE_RUNTIME=openvino``, one OpenVINO compiled model each, an infer request per model thread).
 
 A :class:`ModelCard` is what the store says about a model; a :class:`Member` adds its session.
 Sessions come from the shared runtime layer (``compress.runtime``, torch-free): CUDA execution
@@ -95,17 +96,18 @@ class RuntimeOptions:
 
     provider: str = "auto"
     precision: str = "fp32"
-    threads: int = 0                 # intra-op threads on CPU (0: ORT's choice)
+    threads: int = 0                 # intra-op threads on CPU (0: the runtime's choice)
     model_threads: int = 1           # model calls in flight at once
     sessions: str = "shared"         # or "per-thread"
     batch_shapes: str = "auto"       # buckets on CUDA, exact on CPU
     max_batch_size: int = 64
     cuda_options: dict[str, str] = field(default_factory=lambda: {"cudnn_conv_algo_search": "HEURISTIC"})
+    runtime: str = "onnxruntime"     # or "openvino" (CPU)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RuntimeOptions:
         return cls(settings.provider, settings.precision, settings.threads, settings.model_threads, settings.sessions,
-                   settings.batch_shapes, settings.max_batch_size, settings.cuda_options())
+                   settings.batch_shapes, settings.max_batch_size, settings.cuda_options(), settings.runtime)
 
     def on_gpu(self, device_id: int) -> RuntimeOptions:
         """These options with the CUDA provider on visible GPU ``device_id`` (``serve/devices.py``)."""
@@ -118,7 +120,7 @@ class RuntimeOptions:
 
     def describe(self, provider: str) -> dict[str, Any]:
         """What /metadata says about how the models run."""
-        return {"model_threads": self.model_threads, "sessions": self.sessions,
+        return {"engine": self.runtime, "model_threads": self.model_threads, "sessions": self.sessions,
                 "batch_shapes": self.shapes_on(provider), "intra_op_threads": self.threads or None,
                 "cuda_options": dict(self.cuda_options) if provider == "cuda" else None}
 
@@ -150,13 +152,16 @@ class Member:
     sessions are thread-safe; the bindings are not, hence a runner each)."""
 
     card: ModelCard
-    runners: list[BoundRunner]
+    runners: list[Any]  # BoundRunner, or OpenVinoRunner (the same run / warm_up_sizes)
     provider: str
     precision: str = "fp32"
+    engine: dict[str, Any] = field(default_factory=lambda: {"engine": "onnxruntime"})
 
     @classmethod
     def load(cls, card: ModelCard, options: RuntimeOptions) -> Member:
         path = card.file(options.precision)
+        if options.runtime == "openvino":
+            return cls.load_openvino(card, path, options)
         session, in_use = create_session(path, options)
         sessions = [session]
         if options.sessions == "per-thread":
@@ -165,6 +170,20 @@ class Member:
         runners = [BoundRunner(sessions[slot % len(sessions)], device=in_use, max_batch_size=options.max_batch_size,
                                shapes=shapes) for slot in range(options.model_threads)]
         return cls(card, runners, in_use, options.precision)
+
+    @classmethod
+    def load_openvino(cls, card: ModelCard, path: Path, options: RuntimeOptions) -> Member:
+        """One compiled model (thread-safe), an infer request per model thread. fp32 arithmetic where
+        the file has it (OpenVINO would pick bf16 on AMX CPUs): the answers stay within the export's
+        parity tolerance of ONNX Runtime's."""
+        from compress.runtime.openvino_models import OpenVinoModel, OpenVinoRunner, OpenVinoUnavailable
+
+        try:
+            model = OpenVinoModel(path, threads=options.threads or None, inference_precision="f32")
+        except OpenVinoUnavailable as exc:
+            raise ConfigError(f"SERVE_RUNTIME=openvino: {exc}; serve {card.tag} with SERVE_RUNTIME=onnxruntime") from None
+        runners = [OpenVinoRunner(model, max_batch_size=options.max_batch_size) for _ in range(options.model_threads)]
+        return cls(card, runners, "cpu", options.precision, model.describe())
 
     def probabilities(self, batch: np.ndarray, slot: int = 0) -> np.ndarray:
         """(N, 3, S, S) float32 -> (N, C) float32 probabilities, on model thread ``slot``."""
@@ -200,10 +219,11 @@ class Ensemble:
     def warm_up(self) -> list[int]:
         """Run every batch size the batcher can produce once on every model thread, so that no
         request pays for lazy initialisation (buffers and bindings, CUDA kernels and cuDNN's
-        algorithm choice, all per input shape). On CPU one size suffices: nothing is per shape
-        there beyond ORT's own first-call setup. Returns the sizes run."""
-        on_gpu = any(m.provider == "cuda" for m in self.members)
-        sizes = self.warm_up_sizes() if on_gpu else [1]
+        algorithm choice, all per input shape; OpenVINO's first call at a new batch size, 5-15 ms
+        more than the next on the digits demo's step 3). On ONNX Runtime's CPU provider one size
+        suffices: nothing is per shape there beyond ORT's own first-call setup. Returns the sizes run."""
+        per_shape = any(m.provider == "cuda" or m.engine.get("runtime") == "openvino" for m in self.members)
+        sizes = self.warm_up_sizes() if per_shape else [1]
         for slot in range(self.options.model_threads):
             for size in sizes:
                 self.predict(np.zeros((size, self.layout.width), dtype=np.float32), slot)
@@ -217,4 +237,7 @@ class Ensemble:
 
     def runtime(self) -> dict[str, Any]:
         provider = "cuda" if any(m.provider == "cuda" for m in self.members) else "cpu"
-        return self.options.describe(provider)
+        described = self.options.describe(provider)
+        if self.options.runtime == "openvino":  # how OpenVINO compiled each member (threads, precision it chose)
+            described["openvino"] = {m.card.tag: m.engine for m in self.members}
+        return described

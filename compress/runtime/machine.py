@@ -11,7 +11,7 @@ import sys
 from importlib import metadata as importlib_metadata
 from typing import Any
 
-VERSION_PACKAGES = ("torch", "torchvision", "torch-pruning", "onnx", "onnxruntime-gpu", "onnxruntime", "numpy",
+VERSION_PACKAGES = ("torch", "torchvision", "torch-pruning", "onnx", "onnxruntime-gpu", "onnxruntime", "openvino", "numpy",
                     "pillow", "bentoml", "resnet-compress")
 
 
