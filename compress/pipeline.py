@@ -99,22 +99,22 @@ class Run:
     def preprocessing(self) -> Preprocessing:
         return self.data.preprocessing
 
+    def _architecture(self, field: str) -> str:
+        """``field`` (arch, stem) as recorded by the import stage, else as read from ``--model``'s
+        file in this process, else as configured."""
+        imported = self.manifest["stages"].get("import")
+        if imported:
+            return imported["architecture"][field]
+        return getattr(self.imported if self.imported is not None else self.config, field)
+
     @property
     def arch(self) -> str:
         """The architecture: ``--arch``, or with ``--model`` the one read from the file."""
-        imported = self.manifest["stages"].get("import")
-        if imported:
-            return imported["architecture"]["arch"]
-        if self.imported is not None:
-            return self.imported.arch
-        return self.config.arch
+        return self._architecture("arch")
 
     @property
     def stem(self) -> str:
-        imported = self.manifest["stages"].get("import")
-        if imported:
-            return imported["architecture"]["stem"]
-        return self.imported.stem if self.imported is not None else self.config.stem
+        return self._architecture("stem")
 
     def _workers(self) -> int:
         if self.config.workers is not None:
