@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from .data import DIGITS, Augmentation
+from .data import DIGITS, Augmentation, DataBundle, load_data
 from .errors import UsageError
 from .models import ARCHS
 from .pruning import PruneSettings, validate_settings
@@ -99,6 +99,18 @@ class RunConfig:
     @classmethod
     def option_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any]) -> "RunConfig":
+        """The options a run recorded (keys this version does not know are left out)."""
+        return cls(**{k: v for k, v in manifest["config"].items() if k in cls.option_names()})
+
+    def load_data(self, scan_record: Path | None = None) -> DataBundle:
+        """The run's data as these options describe it (split, input size, ``--mean``/``--std``,
+        ``--classes``); ``scan_record`` is the run's stored scan, so reopening reads no image."""
+        return load_data(self.data, augment=self.augmentation(), val_fraction=self.val_fraction, seed=self.seed,
+                         input_size=self.input_size, scan_record=scan_record,
+                         normalisation=self.normalisation(), class_order=self.class_order())
 
     def augmentation(self) -> Augmentation:
         hflip = self.aug_hflip if self.aug_hflip is not None else self.data != DIGITS

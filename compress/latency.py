@@ -37,12 +37,8 @@ NOT_ON_BACKEND = {
 def load_run_data(manifest: dict[str, Any]) -> Any:
     """The run's ``DataBundle``, loaded as the run loaded it (for a report made without one)."""
     from .config import RunConfig
-    from .data import load_data
 
-    stored = {k: v for k, v in manifest["config"].items() if k in RunConfig.option_names()}
-    config = RunConfig(**stored)
-    return load_data(config.data, augment=config.augmentation(), val_fraction=config.val_fraction,
-                     seed=config.seed, input_size=config.input_size)
+    return RunConfig.from_manifest(manifest).load_data()
 
 
 def validation_arrays(manifest: dict[str, Any], limit: int | None = None,

@@ -35,7 +35,7 @@ from . import distributed
 from . import export as onnx_export
 from . import models
 from .config import RunConfig, config_differences
-from .data import SCAN_RECORD, DataBundle, Preprocessing, class_weights, load_data, make_loaders
+from .data import SCAN_RECORD, DataBundle, Preprocessing, class_weights, make_loaders
 from .errors import UsageError
 from .pruning import conv_out_widths, count_macs_params, prune_to_macs, step_targets
 from .rundir import MANIFEST, read_manifest, relative, write_manifest
@@ -226,17 +226,6 @@ def _device_option(run_dir: Path, config: RunConfig | None) -> str:
     return str((manifest or {}).get("config", {}).get("device", "auto"))
 
 
-def _stored_config(manifest: dict[str, Any]) -> RunConfig:
-    return RunConfig(**{k: v for k, v in manifest["config"].items() if k in RunConfig.option_names()})
-
-
-def _load_data(config: RunConfig, scan_record: Path | None = None) -> DataBundle:
-    """The run's data; ``scan_record`` is the run's stored scan, so reopening reads no image."""
-    return load_data(config.data, augment=config.augmentation(), val_fraction=config.val_fraction,
-                     seed=config.seed, input_size=config.input_size, scan_record=scan_record,
-                     normalisation=config.normalisation(), class_order=config.class_order())
-
-
 def _import_model(config: RunConfig) -> Any:
     """``--model FILE`` read and rebuilt, checked against ``--arch`` and the data's classes
     (known from the folder names, before any image is scanned): a model that cannot be used
@@ -279,8 +268,8 @@ def _join_run(run_dir: Path, manifest: dict[str, Any], device: str | None) -> Ru
 
         raise UsageError(f"rank {distributed.world().rank} on {socket.gethostname()} does not see {run_dir / MANIFEST} "
                          "that rank 0 wrote: --out must be on a filesystem that every node shares")
-    config = _stored_config(manifest)
-    return Run(run_dir, config, manifest, _load_data(config, run_dir / SCAN_RECORD), resolve_device(device or config.device))
+    config = RunConfig.from_manifest(manifest)
+    return Run(run_dir, config, manifest, config.load_data(run_dir / SCAN_RECORD), resolve_device(device or config.device))
 
 
 def _open_run(run_dir: Path, config: RunConfig | None, *, force: bool, device: str | None) -> Run:
@@ -291,7 +280,7 @@ def _open_run(run_dir: Path, config: RunConfig | None, *, force: bool, device: s
     if config is None:
         if manifest is None:
             raise UsageError(f"{run_dir} is not a run directory (no manifest.json); start it with `compress run`")
-        config = _stored_config(manifest)
+        config = RunConfig.from_manifest(manifest)
     elif manifest is not None:
         differences = config_differences(manifest.get("config", {}), config.to_dict())
         if differences and not force:
@@ -326,7 +315,7 @@ def _open_run(run_dir: Path, config: RunConfig | None, *, force: bool, device: s
     if config.weights == "imagenet" and config.model is None and not step0_done \
             and config.arch in models.TORCHVISION_ARCHS and not models.imagenet_weights_available(config.arch):
         models.imagenet_state_dict(config.arch)  # download now: offline, fail in seconds, before scanning the data
-    data = _load_data(config, run_dir / SCAN_RECORD if manifest is not None else None)
+    data = config.load_data(run_dir / SCAN_RECORD if manifest is not None else None)
     if manifest is None:
         run_dir.mkdir(parents=True, exist_ok=True)
         manifest = {"format": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "steps": [], "stages": {}}

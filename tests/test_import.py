@@ -17,6 +17,7 @@ from torch import nn
 
 from compress.architecture import build_from_state, load_model_file
 from compress.cli import main
+from compress.data_index import Preprocessing
 from compress.errors import UsageError
 from compress.export import read_metadata
 from compress.models import save_checkpoint
@@ -207,6 +208,9 @@ def test_references_checkpoint_as_step_0_onnx_and_pt2(tmp_path: Path, data: Path
     from serve.inputs import Preprocessing as ServedPreprocessing  # what `compress register` hands the service
 
     assert ServedPreprocessing.from_dict(manifest["preprocessing"]).std == (0.25, 0.25, 0.25)
+    from compress.latency import load_run_data  # how bench models, ensembles and baselines reopen the data
+
+    assert load_run_data(manifest).preprocessing == Preprocessing.from_dict(manifest["preprocessing"])
     session = OrtModel(onnx_path, SessionSettings("cpu", threads=1))
     with torch.no_grad():
         assert np.abs(session.predict(X.numpy()) - resnet18(X).numpy()).max() <= 1e-4
