@@ -27,7 +27,7 @@ from .manifest import RunManifest, StepRecord
 from .quantize import Int8Settings
 from .render import RECOMMEND_WITHIN
 from .rundir import atomic_write_json
-from .runtime.timing import interleaved, paired_speedup_spread, speedup, summarize
+from .runtime.timing import compare_interleaved
 
 FOLDER = "alternatives"
 TWIN_FORMAT = "qdq-u8s8"  # OpenVINO's int8 kernels take uint8 activations and int8 weights
@@ -155,21 +155,15 @@ def measure_alternatives(run_dir: Path, manifest: dict[str, Any], recommended: t
                 accuracy[item.label] = _accuracy(item, steps[item.step], model, images, labels)
         fixed = batch_of(images, batch)
         # at most 5 x --timing-seconds per batch size (10 s by default: 20 rounds of the demo's models fit)
-        timed = interleaved({item.label: model.make_timed(fixed) for item, model in prepared.items()}, rounds=20,
-                            min_seconds=timing_seconds, max_seconds=5 * timing_seconds)
-        stats = {label: summarize(samples, batch) for label, samples in timed.samples.items()}
-        base = found[0].label
+        measured = compare_interleaved({item.label: model.make_timed(fixed) for item, model in prepared.items()},
+                                       batch, found[0].label, rounds=20, min_seconds=timing_seconds,
+                                       max_seconds=5 * timing_seconds)
         for item, model in prepared.items():
-            low, high = (paired_speedup_spread(timed.samples[base], timed.samples[item.label], timed.per_round)
-                         if base in stats else (math.nan, math.nan))
             rows.append({"label": item.label, "role": item.role, "backend": item.backend,
                          "runtime": RUNTIME_NAMES[item.backend], "step": item.step, "precision": item.precision,
                          "file": item.path.relative_to(run_dir).as_posix(), "batch": batch, "device": model.device,
                          "session": model.info.get("session"), "accuracy": accuracy[item.label],
-                         "latency": stats[item.label].to_dict(),
-                         "speedup": speedup(stats[base], stats[item.label]) if base in stats else None,
-                         "speedup_band": [low, high], "rounds": timed.rounds, "per_round": timed.per_round})
-        del prepared
+                         **measured[item.label]})
     baseline_accuracy = accuracy.get(found[0].label)
     fastest = {}
     for batch in batches:

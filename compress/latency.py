@@ -6,7 +6,6 @@ under the same conditions. Used by ``bench models``, the closing report of ``com
 and ``--target-speedup``."""
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -21,7 +20,7 @@ from .hints import unaligned_convs
 from .manifest import RunManifest, StepRecord
 from .rundir import require_manifest
 from .runtime.machine import load_average, machine_info
-from .runtime.timing import NOISY_SPEEDUP_BAND, interleaved, paired_speedup_spread, speedup, summarize
+from .runtime.timing import compare_interleaved, interleaved, paired_speedup_spread, speedup, summarize
 
 console = Console(stderr=True)
 BASELINE = (0, "fp32")  # every speed-up is against step 0 fp32
@@ -247,20 +246,13 @@ def time_group(prepared: dict[Key, Prepared], backend: str, batch: int, data: np
     row per model, with its speed-up against step 0 fp32."""
     runners = {k: p.make_timed(data) for k, p in prepared.items()}
     console.print(f"timing {backend} batch {batch}: {len(runners)} models interleaved")
-    timed = interleaved(runners, **timing)
-    stats = {k: summarize(v, batch) for k, v in timed.samples.items()}
-    base = BASELINE if BASELINE in stats else next(iter(stats))
+    measured = compare_interleaved(runners, batch, BASELINE if BASELINE in runners else next(iter(runners)), **timing)
     rows = []
-    for (step, precision), stat in stats.items():
-        low, high = paired_speedup_spread(timed.samples[base], timed.samples[(step, precision)], timed.per_round)
-        ratio = speedup(stats[base], stat)
-        rows.append({"step": step, "backend": backend, "precision": precision, "batch": batch,
-                     "device": prepared[(step, precision)].device, "latency": stat.to_dict(),
-                     "intra_op_threads": (prepared[(step, precision)].info.get("session") or {}).get("intra_op_threads"),
-                     "accuracy": accuracies.get((step, precision)), "speedup": ratio, "speedup_band": [low, high],
-                     "speedup_noisy": bool((step, precision) != base and not math.isnan(high)
-                                           and (high - low) > NOISY_SPEEDUP_BAND * ratio),
-                     "rounds": timed.rounds, "per_round": timed.per_round})
+    for (step, precision), result in measured.items():
+        model = prepared[(step, precision)]
+        rows.append({"step": step, "backend": backend, "precision": precision, "batch": batch, "device": model.device,
+                     "intra_op_threads": (model.info.get("session") or {}).get("intra_op_threads"),
+                     "accuracy": accuracies.get((step, precision)), **result})
     return rows
 
 

@@ -157,3 +157,23 @@ def paired_speedup_spread(base: list[float], other: list[float], chunk: int) -> 
     if not ratios:
         return math.nan, math.nan
     return percentile(ratios, 10), percentile(ratios, 90)
+
+
+def compare_interleaved(runners: Mapping[Any, Callable[[], object]], batch: int, baseline: Any,
+                        **timing: Any) -> dict[Any, dict[str, Any]]:
+    """Time ``runners`` interleaved (:func:`interleaved`) and give, per key, its latency and its
+    speed-up against ``baseline`` with the band of per-round ratios, flagged noisy when that band
+    is wide; the speed-up fields are None/NaN when ``baseline`` is not among the runners."""
+    timed = interleaved(runners, **timing)
+    stats = {key: summarize(samples, batch) for key, samples in timed.samples.items()}
+    out: dict[Any, dict[str, Any]] = {}
+    for key, stat in stats.items():
+        ratio, low, high = None, math.nan, math.nan
+        if baseline in stats:
+            ratio = speedup(stats[baseline], stat)
+            low, high = paired_speedup_spread(timed.samples[baseline], timed.samples[key], timed.per_round)
+        out[key] = {"latency": stat.to_dict(), "speedup": ratio, "speedup_band": [low, high],
+                    "speedup_noisy": bool(ratio is not None and key != baseline and not math.isnan(high)
+                                          and (high - low) > NOISY_SPEEDUP_BAND * ratio),
+                    "rounds": timed.rounds, "per_round": timed.per_round}
+    return out
