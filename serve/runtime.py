@@ -222,7 +222,7 @@ class Ensemble:
         algorithm choice, all per input shape; OpenVINO's first call at a new batch size, 5-15 ms
         more than the next on the digits demo's step 3). On ONNX Runtime's CPU provider one size
         suffices: nothing is per shape there beyond ORT's own first-call setup. Returns the sizes run."""
-        per_shape = any(m.provider == "cuda" or m.engine.get("runtime") == "openvino" for m in self.members)
+        per_shape = self.options.runtime == "openvino" or any(m.provider == "cuda" for m in self.members)
         sizes = self.warm_up_sizes() if per_shape else [1]
         for slot in range(self.options.model_threads):
             for size in sizes:

@@ -72,8 +72,9 @@ def _worker_plan(settings: Settings, cards: list[ModelCard]) -> workers.WorkerPl
 
 def _gpus(settings: Settings) -> list[devices.Gpu]:
     """The GPUs the workers spread over: none where the models cannot run on CUDA
-    (``SERVE_PROVIDER=cpu``, or an ONNX Runtime without the CUDA provider, as in the CPU image)."""
-    if settings.provider == "cpu":
+    (``SERVE_PROVIDER=cpu``, ``SERVE_RUNTIME=openvino``, or an ONNX Runtime without the CUDA
+    provider, as in the CPU image)."""
+    if settings.provider == "cpu" or settings.runtime == "openvino":
         return []
     import onnxruntime as ort
 
