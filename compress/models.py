@@ -169,11 +169,12 @@ def _first_line(exc: BaseException) -> str:
 
 
 def build_model(arch: str, num_classes: int, *, weights: str = "none", stem: str = "imagenet",
-                trust_pickle: bool = False) -> nn.Module:
+                trust_pickle: bool = False, checkpoint_key: str | None = None) -> nn.Module:
     """Build ``arch`` with a ``num_classes`` head.
 
     ``weights``: ``imagenet`` (torchvision's weights, from the torch cache or downloaded into it;
-    offline, a clear error says where the file goes), ``none`` (from scratch) or a state-dict file.
+    offline, a clear error says where the file goes), ``none`` (from scratch) or a weights file
+    (``checkpoint_key``: which entry of a checkpoint dict, as ``--checkpoint-key``).
     ``stem='cifar'`` swaps a torchvision ResNet's 7x7/2 conv + max-pool for a 3x3/1 conv, for
     32x32 inputs."""
     if arch not in ARCHS:
@@ -193,7 +194,7 @@ def build_model(arch: str, num_classes: int, *, weights: str = "none", stem: str
         elif stem != "imagenet":
             raise UsageError(f"unknown --stem {stem}; choose imagenet or cifar")
     if weights not in ("imagenet", "none"):
-        load_weights_file(model, Path(weights), trust_pickle=trust_pickle)
+        load_weights_file(model, Path(weights), trust_pickle=trust_pickle, key=checkpoint_key)
     return model
 
 

@@ -386,7 +386,7 @@ def finetune(run: Run) -> None:
     run.manifest["stages"]["finetune"] = dict(weights_record)
     run.save()
     model = models.build_model(config.arch, len(run.data.classes), weights=weights, stem=config.stem,
-                               trust_pickle=config.trust_pickle)
+                               trust_pickle=config.trust_pickle, checkpoint_key=config.checkpoint_key)
     settings = config.finetune_settings(pretrained=weights != "none")
     started = time.perf_counter()
     result = fit(model, train_loader, val_loader, settings, device=run.device,

@@ -138,6 +138,9 @@ def test_checkpoint_key_chooses_the_ema_weights(tmp_path: Path, resnet18: nn.Mod
     _logits_equal(chosen.model, ema)
     with pytest.raises(UsageError, match="--checkpoint-key optimizer: no state dict"):
         load_model_file(tmp_path / "both.pth", key="optimizer")
+    from compress.models import build_model  # --weights FILE --checkpoint-key reads the same entry
+
+    _logits_equal(build_model("resnet18", 3, weights=str(tmp_path / "both.pth"), checkpoint_key="model_ema"), ema)
 
 
 @pytest.mark.parametrize("name, arch, stem", [("resnet18", "resnet18", "imagenet"), ("resnet50", "resnet50", "imagenet"),
