@@ -568,11 +568,23 @@ def last_tag(log: Path) -> str:
     return tag
 
 
+def serve_provider(asked: str, override: str | None, ort_probe: dict[str, Any]) -> str:
+    """The service's SERVE_PROVIDER: ``asked`` (the profile's), unless ORT's CUDA provider is
+    known to be missing (``override``) or the machine part's session did not really load it
+    (ORT falls back to the CPU silently; the service refuses SERVE_PROVIDER=cuda then)."""
+    if override:
+        return override
+    if asked == "cuda" and ort_probe and not ort_probe.get("cuda_provider_loaded"):
+        return "cpu"
+    return asked
+
+
 def part_service(ctx: Context) -> dict[str, Any]:
     steps = finished_steps(ctx)
     step = max(steps)
     settings = ctx.settings["serve"]
-    provider = ctx.settings.get("serve_provider_override") or settings["provider"]
+    provider = serve_provider(settings["provider"], ctx.settings.get("serve_provider_override"),
+                              ctx.summary_of("machine").get("ort") or {})
     home = ctx.work / "bentoml"
     env = {"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
     ctx.run("register", ctx.python("-m", "compress", "register", str(train_dir(ctx)), "--step", str(step), "--name",

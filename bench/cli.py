@@ -392,6 +392,8 @@ def campaign(
         raise UsageError("--work must not be inside --out: the results folder stays small")
     data_text = str(data) if data is not None else "generated"  # as given: the checkout may sit elsewhere next time
     target = bundle.resolve() if bundle is not None else None
+    if target is not None and out.resolve() in target.parents:
+        raise UsageError("--bundle must not be inside --out: each bundle would carry the one before")
     code = run_campaign(parts(), out=out.resolve(), work=work.resolve(), data=data_text, smoke=smoke,
                         max_minutes=max_minutes, settings=settings, retry_failed=retry_failed,
                         echo=lambda line: (typer.echo(line), sys.stdout.flush()),

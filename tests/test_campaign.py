@@ -242,6 +242,7 @@ def test_the_full_campaign_refuses_without_cuda_through_the_module_entry_point(t
     (["campaign", "--smoke", "--out", "{tmp}/o", "--max-minutes", "0"], "--max-minutes must be > 0"),
     (["campaign", "--smoke", "--out", "{tmp}/o", "--work", "{tmp}/o/work"], "--work must not be inside --out"),
     (["campaign", "--smoke", "--out", "{tmp}/o", "--bundle", "{tmp}/e.zip"], "expected a .tar.gz file name"),
+    (["campaign", "--smoke", "--out", "{tmp}/o", "--bundle", "{tmp}/o/e.tar.gz"], "--bundle must not be inside --out"),
 ])
 def test_bad_input_gives_one_line_and_exit_code_2(args: list[str], message: str, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
@@ -314,3 +315,14 @@ def test_the_archive_is_unpacked_once_into_the_work_folder(tmp_path: Path) -> No
     assert any(c.startswith("tar -xf") for c in ctx.part_state["commands"])
     state.pop("data_dir")
     assert data_dir(ctx) == folder  # already there: not unpacked again
+
+
+def test_the_service_leaves_cuda_when_the_machine_part_saw_ort_fall_back() -> None:
+    """ORT lists its CUDA provider but a session fell back to the CPU (cuDNN missing, say): the
+    service part serves on the CPU provider instead of failing on SERVE_PROVIDER=cuda."""
+    from bench.campaign_parts import serve_provider
+
+    assert serve_provider("cuda", None, {"cuda_provider_loaded": False}) == "cpu"
+    assert serve_provider("cuda", None, {"cuda_provider_loaded": True}) == "cuda"
+    assert serve_provider("cuda", None, {}) == "cuda"  # the machine part got no probe: as the profile says
+    assert serve_provider("cuda", "cpu", {"cuda_provider_loaded": True}) == "cpu"
